@@ -1,0 +1,275 @@
+"""`sluice`: one subcommand per long-running process, plus the local stack and the demo.
+
+    sluice stack up|down|status      the local broker and Redis (ClickHouse is embedded in the sink)
+    sluice topics create             create the topics with the configured partitions
+    sluice simulate                  synthetic cameras and microphones
+    sluice worker [--modality M]     inference workers (one consumer group per modality)
+    sluice sink                      results -> ClickHouse
+    sluice notifier                  results -> alerts (Faust)
+    sluice demo                      all of the above for a minute, then a summary
+    sluice clickhouse migrate|query  the sink's DDL, and ad-hoc SQL
+    sluice config                    the effective configuration
+
+Every process takes its settings from `streams/config.py` (defaults, `--config`
+TOML file, `SLUICE_*` environment variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from streams.config import SluiceSettings, load_settings
+
+console = Console()
+
+
+def _setup_logging(level: str) -> None:
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
+        fmt = "%(name)s: %(message)s"
+    else:  # into a log file: plain lines with time and level
+        handler = logging.StreamHandler()
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, handlers=[handler], force=True)
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def _ready_callback(path: Path | None) -> Callable[[], None] | None:
+    if path is None:
+        return None
+
+    def ready() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    return ready
+
+
+def _run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> Any:
+    """Run `main(stopping)`; SIGTERM and SIGINT set `stopping` so it drains and commits before exiting."""
+
+    async def runner() -> Any:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        return await main(stopping)
+
+    return asyncio.run(runner())
+
+
+# -- commands ------------------------------------------------------------------------------------------
+
+
+def cmd_stack(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from streams.stack import LocalStack
+
+    stack = LocalStack(settings)
+    if args.action == "up":
+        for process in stack.up():
+            console.print(f"[green]{process.name}[/] running, PID {process.pid}, log {process.log_path}")
+        asyncio.run(_create_topics(settings))
+    elif args.action == "down":
+        for name, graceful in stack.down().items():
+            console.print(f"{name} stopped{'' if graceful else ' (killed)'}")
+    table = Table("service", "running", "pid", "endpoint")
+    for row in stack.status():
+        table.add_row(row.name, "yes" if row.running else "no", str(row.pid or ""), row.endpoint)
+    console.print(table)
+    return 0
+
+
+async def _create_topics(settings: SluiceSettings) -> None:
+    from consumers.kafka import ensure_topics
+
+    created = await ensure_topics(settings.kafka)
+    console.print(f"topics created: {', '.join(created) or 'none (all exist)'}")
+
+
+def cmd_topics(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    asyncio.run(_create_topics(settings))
+    return 0
+
+
+def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from producers.sdk import DeviceClient
+    from producers.simulator import run_fleet
+
+    updates = {
+        k: v
+        for k, v in {
+            "cameras": args.cameras,
+            "camera_fps": args.camera_fps,
+            "microphones": args.microphones,
+            "chunks_per_s": args.chunks_per_s,
+            "frame_encoding": args.encoding,
+            "drift_at_s": args.drift_at,
+            "seed": args.seed,
+        }.items()
+        if v is not None
+    }
+    sim = settings.simulator.model_copy(update=updates)
+    if args.seconds is None and args.frames is None and args.audio_chunks is None:
+        args.seconds = 60.0
+
+    async def main(stopping: asyncio.Event) -> int:
+        from consumers.kafka import ensure_topics
+
+        await ensure_topics(settings.kafka)
+        kafka = settings.kafka
+        options = kafka.producer_options()
+        async with DeviceClient(
+            frames_topic=kafka.topics.frames,
+            audio_topic=kafka.topics.audio,
+            client_id=f"{kafka.client_id}-simulator",
+            **options,
+        ) as client:
+            report = await run_fleet(
+                client,
+                sim,
+                seconds=args.seconds,
+                frames_per_camera=args.frames,
+                chunks_per_microphone=args.audio_chunks,
+                realtime=not args.as_fast_as_possible,
+                stopping=stopping,
+            )
+        summary = report.as_dict()
+        if args.report:
+            Path(args.report).write_text(json.dumps(summary, indent=2))
+        console.print_json(data=summary)
+        return 1 if report.failed else 0
+
+    return _run_until_signalled(main)
+
+
+def cmd_worker(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from consumers.worker import MODALITIES, run_worker
+
+    modalities = args.modality or list(MODALITIES)
+    _run_until_signalled(lambda stopping: run_worker(settings, modalities, stopping, _ready_callback(args.ready_file)))
+    return 0
+
+
+def cmd_sink(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from consumers.sink import run_sink
+
+    _run_until_signalled(lambda stopping: run_sink(settings, stopping, _ready_callback(args.ready_file)))
+    return 0
+
+
+def cmd_notifier(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from consumers.kafka import ensure_topics
+    from streams.notifier import run_notifier
+
+    asyncio.run(ensure_topics(settings.kafka))
+    run_notifier(settings, _ready_callback(args.ready_file))
+    return 0
+
+
+def cmd_demo(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from streams.demo import run_demo
+
+    summary = run_demo(settings, seconds=args.seconds, json_path=args.json, console=console)
+    return 0 if summary["ok"] else 1
+
+
+def cmd_clickhouse(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from consumers.clickhouse import apply_migrations, connect
+
+    ch = settings.clickhouse
+    client = connect(ch.dsn)
+    try:
+        if args.action == "migrate":
+            applied = apply_migrations(client, ch.migrations_dir, ch.database)
+            console.print(f"applied: {', '.join(applied) or 'nothing new'}")
+        else:
+            result = client.query(args.sql)
+            rows = [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
+            print(json.dumps(rows, default=str))
+    finally:
+        client.close()
+    return 0
+
+
+def cmd_config(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    console.print_json(settings.model_dump_json())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--config", type=Path, help="TOML settings file (also SLUICE_CONFIG)")
+    parser.add_argument("--log-level", help="overrides SLUICE_LOG_LEVEL")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("stack", help="the local broker and Redis")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("topics", help="create the topics")
+    p.add_argument("action", choices=["create"])
+    p.set_defaults(func=cmd_topics)
+
+    p = sub.add_parser("simulate", help="synthetic cameras and microphones")
+    p.add_argument("--seconds", type=float, help="run this long (default 60 unless counts are given)")
+    p.add_argument("--frames", type=int, help="frames per camera, then stop")
+    p.add_argument("--audio-chunks", type=int, help="audio chunks per microphone, then stop")
+    p.add_argument("--cameras", type=int)
+    p.add_argument("--camera-fps", type=float)
+    p.add_argument("--microphones", type=int)
+    p.add_argument("--chunks-per-s", type=float)
+    p.add_argument("--encoding", choices=["raw", "jpeg"])
+    p.add_argument("--drift-at", type=float, help="seconds after start when drift begins (darker frames, noisier audio)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--as-fast-as-possible", action="store_true", help="ignore the rates (with counts)")
+    p.add_argument("--report", type=Path, help="write the publish counts as JSON here")
+    p.set_defaults(func=cmd_simulate)
+
+    for name, func, help_text in (
+        ("worker", cmd_worker, "inference workers"),
+        ("sink", cmd_sink, "results -> ClickHouse"),
+        ("notifier", cmd_notifier, "results -> alerts"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--ready-file", type=Path, help="touched once the process has joined its consumer group")
+        if name == "worker":
+            p.add_argument("--modality", action="append", choices=["frame", "audio"], help="repeatable; default both")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("demo", help="the whole system for a while, then a summary")
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--json", type=Path, help="also write the summary here")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("clickhouse", help="apply the DDL, or run SQL (prints JSON rows)")
+    p.add_argument("action", choices=["migrate", "query"])
+    p.add_argument("sql", nargs="?", default="SELECT 1")
+    p.set_defaults(func=cmd_clickhouse)
+
+    p = sub.add_parser("config", help="print the effective configuration")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = load_settings(args.config)
+    _setup_logging(args.log_level or settings.log_level)
+    return args.func(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""A read-only view of what Sluice produced: results, alerts and dead letters.
+
+The demo's summary and the integration tests read the output topics through
+this, as any downstream service would. It assigns partitions directly (no group,
+no commits), so watching never changes what the real consumers see, and it
+stamps each result with its receive time for the capture-to-result latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from consumers.kafka import make_consumer
+from schemas.codec import ALERT, DEAD_LETTER, INFERENCE_RESULT, Codec
+from streams.config import SluiceSettings
+
+
+def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> dict[str, float]:
+    if not values:
+        return {f"p{p}": float("nan") for p in points} | {"max": float("nan")}
+    array = np.asarray(values)
+    return {f"p{p}": round(float(np.percentile(array, p)), 2) for p in points} | {"max": round(float(array.max()), 2)}
+
+
+@dataclass
+class Observed:
+    results: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    e2e_ms: list[float] = field(default_factory=list)
+    first_result_at: float | None = None
+    last_result_at: float | None = None
+
+    def unique_sources(self) -> set[tuple[str, int, int]]:
+        return {(r["source_topic"], r["source_partition"], r["source_offset"]) for r in self.results}
+
+    def accuracy(self, modality: str) -> float | None:
+        """Top-1 accuracy over distinct inputs of a modality that carry ground truth."""
+        latest = {
+            (r["source_topic"], r["source_partition"], r["source_offset"]): r
+            for r in self.results
+            if r["modality"] == modality.upper() and r["ground_truth"] is not None
+        }
+        if not latest:
+            return None
+        correct = sum(r["top_k"][0]["label"] == r["ground_truth"] for r in latest.values())
+        return correct / len(latest)
+
+
+class OutputObserver:
+    def __init__(self, settings: SluiceSettings) -> None:
+        self._settings = settings
+        self._codec = Codec()
+        topics = settings.kafka.topics
+        self._kinds = {topics.results: INFERENCE_RESULT, topics.alerts: ALERT, topics.dead_letters: DEAD_LETTER}
+        self._consumer: AIOKafkaConsumer = make_consumer(
+            settings.kafka, None, client_id=f"{settings.kafka.client_id}-observer"
+        )
+        self.observed = Observed()
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self._consumer.start()
+        await self._consumer.topics()  # loads metadata for every topic, ours included
+        partitions = [
+            TopicPartition(topic, p)
+            for topic in self._kinds
+            for p in sorted(self._consumer.partitions_for_topic(topic) or ())
+        ]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        observed = self.observed
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=100)
+            now_us = time.time_ns() // 1000
+            for tp, messages in batches.items():
+                kind = self._kinds[tp.topic]
+                for message in messages:
+                    _, record = self._codec.decode(message.value, expect=kind)
+                    if kind == INFERENCE_RESULT:
+                        observed.results.append(record)
+                        observed.e2e_ms.append((now_us - record["capture_time_us"]) / 1000)
+                        observed.first_result_at = observed.first_result_at or time.monotonic()
+                        observed.last_result_at = time.monotonic()
+                    elif kind == ALERT:
+                        observed.alerts.append(record)
+                    else:
+                        observed.dead_letters.append(record)
+            if batches:
+                self._changed.set()
+
+    async def wait_for(self, predicate: Any, timeout_s: float) -> bool:
+        """Wait until `predicate(observed)` holds; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate(self.observed):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(remaining, 0.5))
+            except TimeoutError:
+                pass
+        return True
+
+    async def end_offsets(self, topic: str) -> dict[TopicPartition, int]:
+        partitions = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
+        return await self._consumer.end_offsets(partitions)
+
+
+async def group_lag(admin: AIOKafkaAdminClient, observer: OutputObserver, group: str, topic: str) -> int:
+    """Messages of `topic` not yet committed by `group` (uncommitted partitions count from 0)."""
+    ends = await observer.end_offsets(topic)
+    committed = await admin.list_consumer_group_offsets(group, partitions=list(ends))
+    lag = 0
+    for tp, end in ends.items():
+        meta = committed.get(tp)
+        lag += end - (meta.offset if meta is not None and meta.offset >= 0 else 0)
+    return lag
+
+
+def latency_breakdown(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    fields = defaultdict(list)
+    for r in results:
+        for name, value in r["latency"].items():
+            fields[name].append(float(value))
+    return {name: percentiles(values) for name, values in fields.items()}

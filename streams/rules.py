@@ -1,0 +1,95 @@
+"""Notifier rules and their per-device cooldowns.
+
+A cooldown is one Redis key per (rule, device) holding the id of the alert that
+opened it, set with a TTL. A redelivered result (at-least-once) carries the same
+source coordinates, so it derives the same alert id, finds its own id in the key,
+and re-emits the alert instead of being suppressed: a crash between "cooldown
+set" and "alert produced" loses nothing, and consumers deduplicate on alert_id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+
+class Rule(BaseModel):
+    name: str
+    labels: set[str]
+    min_score: float = Field(ge=0.0, le=1.0)
+    cooldown_s: float = Field(gt=0.0)
+    modality: Literal["frame", "audio"] | None = None
+    devices: set[str] | None = None
+
+    def match(self, result: dict[str, Any]) -> tuple[str, float] | None:
+        """The (label, score) this rule fires on, or None."""
+        if self.modality is not None and result["modality"] != self.modality.upper():
+            return None
+        if self.devices is not None and result["device_id"] not in self.devices:
+            return None
+        for entry in result["top_k"]:
+            if entry["label"] in self.labels and entry["score"] >= self.min_score:
+                return entry["label"], entry["score"]
+        return None
+
+
+class RuleSet(BaseModel):
+    rules: list[Rule]
+
+    @classmethod
+    def load(cls, path: Path) -> RuleSet:
+        with open(path, "rb") as f:
+            return cls.model_validate(tomllib.load(f))
+
+
+def alert_id(rule: Rule, result: dict[str, Any]) -> str:
+    source = f"{rule.name}|{result['source_topic']}|{result['source_partition']}|{result['source_offset']}"
+    return hashlib.sha256(source.encode()).hexdigest()[:32]
+
+
+def build_alert(rule: Rule, result: dict[str, Any], label: str, score: float) -> dict[str, Any]:
+    return {
+        "alert_id": alert_id(rule, result),
+        "rule": rule.name,
+        "device_id": result["device_id"],
+        "modality": result["modality"],
+        "label": label,
+        "score": score,
+        "trace_id": result["trace_id"],
+        "capture_time_us": result["capture_time_us"],
+        "source_topic": result["source_topic"],
+        "source_partition": result["source_partition"],
+        "source_offset": result["source_offset"],
+        "cooldown_s": rule.cooldown_s,
+        "alert_time_us": time.time_ns() // 1000,
+    }
+
+
+# Open the cooldown if it is closed; report open-by-us (same alert id) as acquired too.
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if not current then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if current == ARGV[1] then return 1 end
+return 0
+"""
+
+
+class CooldownStore:
+    def __init__(self, redis: Redis, prefix: str = "sluice:cooldown") -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._acquire = redis.register_script(_ACQUIRE)
+
+    async def acquire(self, rule: Rule, device_id: str, alert: str) -> bool:
+        """Whether `alert` may be emitted: no cooldown for (rule, device), or one opened by this same alert."""
+        key = f"{self._prefix}:{rule.name}:{device_id}"
+        return bool(await self._acquire(keys=[key], args=[alert, int(rule.cooldown_s * 1000)]))
