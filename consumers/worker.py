@@ -399,10 +399,12 @@ async def run_worker(
     stopping: asyncio.Event,
     on_ready: Callable[[], None] | None = None,
     engines: dict[str, Engine] | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> None:
     """Run one pipeline per modality in this process until `stopping` is set.
-    `engines` replaces the configured ones (tests inject slow or failing engines)."""
-    registry = CollectorRegistry()
+    `engines` replaces the configured ones (tests inject slow or failing engines);
+    `registry` is where the metrics go (a fresh one by default)."""
+    registry = registry if registry is not None else CollectorRegistry()
     metrics = WorkerMetrics(registry)
     serve_metrics(registry, settings.metrics_host, settings.worker.metrics_port)
     worker_id = f"{socket.gethostname()}:{os.getpid()}"

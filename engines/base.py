@@ -35,5 +35,6 @@ class Engine(ABC):
         for size in range(1, max_batch_size + 1):
             self.infer(np.broadcast_to(item, (size, *item.shape)).copy())
 
+    @abstractmethod
     def close(self) -> None:
         """Release the engine's memory. Idempotent."""

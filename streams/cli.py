@@ -30,7 +30,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from engines.repository import ModelNotFound
 from streams.config import SluiceSettings, load_settings
+from streams.processes import ProcessError
 
 console = Console()
 
@@ -268,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     settings = load_settings(args.config)
     _setup_logging(args.log_level or settings.log_level)
-    return args.func(settings, args)
+    try:
+        return args.func(settings, args)
+    except (ProcessError, ModelNotFound, FileNotFoundError) as exc:
+        # Set-up problems a user can fix: one clear line, no traceback.
+        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        return 2
 
 
 if __name__ == "__main__":

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,48 +30,12 @@ from rich.table import Table
 from consumers.clickhouse import RESULTS_TABLE, connect
 from consumers.kafka import ensure_topics
 from streams import processes
-from streams.config import SluiceSettings, settings_env
+from streams.config import SluiceSettings
 from streams.observer import OutputObserver, group_lag, latency_breakdown, percentiles
 from streams.processes import ManagedProcess, ProcessError
-from streams.stack import LocalStack
+from streams.stack import LocalStack, isolated_settings, start_component, start_sluice, wait_components_ready
 
 COMPONENTS = {"worker": ["worker"], "sink": ["sink"], "notifier": ["notifier"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def isolated_settings(settings: SluiceSettings, base: Path) -> SluiceSettings:
-    """The same settings on free loopback ports, with run files and ClickHouse data under `base`."""
-    return settings.model_copy(
-        update={
-            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
-            "redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"}),
-            "stack": settings.stack.model_copy(update={"run_dir": base / "run"}),
-            "clickhouse": settings.clickhouse.model_copy(update={"dsn": f"chdb://{(base / 'clickhouse').as_posix()}"}),
-        }
-    )
-
-
-def start_component(settings: SluiceSettings, name: str, args: list[str]) -> tuple[ManagedProcess, Path]:
-    """Start `sluice <args> --ready-file F` as its own process with these settings; return it and F."""
-    ready = settings.stack.run_dir / f"{name}.ready"
-    ready.unlink(missing_ok=True)
-    return start_sluice(settings, name, [*args, "--ready-file", str(ready)]), ready
-
-
-def start_sluice(settings: SluiceSettings, name: str, args: list[str]) -> ManagedProcess:
-    """Start `sluice <args>` as its own process, seeing exactly these settings."""
-    argv = [sys.executable, "-m", "streams.cli", *args]
-    return processes.start(name, argv, settings.stack.run_dir, env=settings_env(settings))
-
-
-def wait_components_ready(started: list[tuple[ManagedProcess, Path]], timeout_s: float) -> None:
-    for process, ready in started:
-        processes.wait_ready(process, ready.exists, timeout_s)
 
 
 def _lag_trend(samples: list[tuple[float, int]]) -> dict[str, Any]:
@@ -124,6 +86,7 @@ async def _observe_run(settings: SluiceSettings, seconds: float, report_path: Pa
         # Alerts trail results by the notifier's own hop; give it a moment once results are complete.
         await asyncio.sleep(3.0)
     finally:
+        processes.stop(simulator)  # stopped already unless something failed; this also drops its PID file
         await admin.close()
         await observer.stop()
     return {"published": published, "drained": drained, "observed": observer.observed, "lag_samples": lag_samples}

@@ -67,15 +67,18 @@ class OutputObserver:
         self.observed = Observed()
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._partitions: dict[str, list[TopicPartition]] = {}
 
     async def start(self) -> None:
         await self._consumer.start()
         await self._consumer.topics()  # loads metadata for every topic, ours included
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in self._kinds
-            for p in sorted(self._consumer.partitions_for_topic(topic) or ())
-        ]
+        # Kept now: once assigned, the client's metadata only follows the assigned topics.
+        self._partitions = {
+            topic: [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
+            for topic in self._settings.kafka.topics.model_dump().values()
+            if isinstance(topic, str)
+        }
+        partitions = [tp for topic in self._kinds for tp in self._partitions[topic]]
         self._consumer.assign(partitions)
         await self._consumer.seek_to_beginning(*partitions)
         self._task = asyncio.create_task(self._run())
@@ -122,8 +125,7 @@ class OutputObserver:
         return True
 
     async def end_offsets(self, topic: str) -> dict[TopicPartition, int]:
-        partitions = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
-        return await self._consumer.end_offsets(partitions)
+        return await self._consumer.end_offsets(self._partitions[topic])
 
 
 async def group_lag(admin: AIOKafkaAdminClient, observer: OutputObserver, group: str, topic: str) -> int:
