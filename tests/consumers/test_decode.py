@@ -1,0 +1,107 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from consumers.decode import AudioDecoder, FrameDecoder, InvalidInput
+from engines.repository import ModelRepository
+from schemas.codec import AUDIO_CHUNK, FRAME_CHUNK, Codec
+from streams.config import SluiceSettings
+
+REPOSITORY = ModelRepository(SluiceSettings().engine.model_repository)
+
+
+@pytest.fixture(scope="module")
+def codec() -> Codec:
+    return Codec()
+
+
+def _frame(codec: Codec, **overrides: object) -> bytes:
+    record = {
+        "device_id": "cam", "trace_id": "t", "seq": 0, "capture_time_us": 0, "encoding": "RAW",
+        "height": 224, "width": 224, "channels": 3, "dtype": "uint8", "data": bytes(224 * 224 * 3), "label": None,
+    }  # fmt: skip
+    return codec.encode(FRAME_CHUNK, {**record, **overrides})
+
+
+def _audio(codec: Codec, pcm: np.ndarray | bytes, sample_rate: int = 16_000, channels: int = 1) -> bytes:
+    data = pcm if isinstance(pcm, bytes) else pcm.astype("<i2").tobytes()
+    record = {
+        "device_id": "mic", "trace_id": "t", "seq": 0, "capture_time_us": 0, "encoding": "PCM_S16LE",
+        "sample_rate": sample_rate, "channels": channels, "data": data, "label": None,
+    }  # fmt: skip
+    return codec.encode(AUDIO_CHUNK, record)
+
+
+def test_raw_frame_decodes_to_the_model_input(codec: Codec) -> None:
+    decoded = FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(_frame(codec))
+    assert decoded.item.shape == (224, 224, 3) and decoded.item.dtype == np.uint8
+    assert "data" not in decoded.record
+
+
+def test_jpeg_and_other_resolutions_are_served(codec: Codec) -> None:
+    image = np.full((120, 160, 3), 200, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG")
+    value = _frame(codec, encoding="JPEG", height=120, width=160, data=buf.getvalue())
+    decoded = FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(value)
+    assert decoded.item.shape == (224, 224, 3)
+    assert abs(int(decoded.item.mean()) - 200) <= 3
+
+
+def test_grayscale_frames_are_replicated_to_rgb(codec: Codec) -> None:
+    value = _frame(codec, channels=1, data=bytes(224 * 224))
+    assert FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(value).item.shape == (224, 224, 3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stage", "reason"),
+    [
+        ({"data": b"\x00" * 10}, "validate", "wrong shape"),
+        ({"channels": 4, "data": bytes(224 * 224 * 4)}, "validate", "1 or 3 channels"),
+        ({"dtype": "float32"}, "validate", "must be uint8"),
+        ({"encoding": "JPEG", "data": b"not a jpeg"}, "decode", "JPEG payload"),
+    ],
+)
+def test_unusable_frames_raise_with_a_reason(codec: Codec, overrides: dict, stage: str, reason: str) -> None:
+    with pytest.raises(InvalidInput, match=reason) as info:
+        FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(_frame(codec, **overrides))
+    assert info.value.stage == stage
+
+
+def test_an_audio_record_on_the_frame_topic_is_a_decode_error(codec: Codec) -> None:
+    with pytest.raises(InvalidInput, match="expected a io.sluice.FrameChunk") as info:
+        FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(_audio(codec, np.zeros(4000, np.int16)))
+    assert info.value.stage == "decode"
+
+
+def test_audio_is_downmixed_and_padded(codec: Codec) -> None:
+    stereo = np.stack([np.full(3000, 1000), np.full(3000, 3000)], axis=1)
+    decoded = AudioDecoder(REPOSITORY.resolve("audio_classifier"), codec).decode(_audio(codec, stereo, channels=2))
+    assert decoded.item.shape == (4000,) and decoded.item.dtype == np.int16
+    assert (decoded.item[:3000] == 2000).all() and (decoded.item[3000:] == 0).all()
+
+
+def test_long_audio_is_cropped(codec: Codec) -> None:
+    decoded = AudioDecoder(REPOSITORY.resolve("audio_classifier"), codec).decode(_audio(codec, np.arange(5000)))
+    assert (decoded.item == np.arange(4000)).all()
+
+
+@pytest.mark.parametrize(
+    ("sample_rate", "channels", "data", "reason"),
+    [
+        (44_100, 1, bytes(8000), "expects 16000 Hz"),
+        (16_000, 2, bytes(6), "whole number"),  # three int16 samples cannot be two channels
+        (16_000, 1, bytes(7), "whole number"),
+        (16_000, 1, b"", "empty"),
+        (16_000, 0, bytes(8), "at least 1"),
+    ],
+)
+def test_unusable_audio_raises_with_a_reason(
+    codec: Codec, sample_rate: int, channels: int, data: bytes, reason: str
+) -> None:
+    value = _audio(codec, data, sample_rate=sample_rate, channels=channels)
+    with pytest.raises(InvalidInput, match=reason):
+        AudioDecoder(REPOSITORY.resolve("audio_classifier"), codec).decode(value)
