@@ -1,0 +1,1 @@
+"""Training and ONNX export of the bundled models (needs the `train` extra: torch, onnx, onnxscript)."""
