@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -58,3 +59,23 @@ def make_producer(kafka: KafkaSettings, client_id: str) -> AIOKafkaProducer:
 
 def make_consumer(kafka: KafkaSettings, group_id: str | None, client_id: str, **overrides: object) -> AIOKafkaConsumer:
     return AIOKafkaConsumer(**{**kafka.consumer_options(), **overrides}, group_id=group_id, client_id=client_id)
+
+
+class RebalanceAware(Protocol):
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None: ...
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None: ...
+
+
+class RebalanceForwarder(ConsumerRebalanceListener):
+    """aiokafka calls a listener object during a rebalance; this one hands the calls to their owner
+    (a worker pipeline or the sink), which drains and commits before its partitions move."""
+
+    def __init__(self, owner: RebalanceAware) -> None:
+        self._owner = owner
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._owner.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._owner.on_assigned(assigned)

@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.clickhouse import RESULT_COLUMNS, RESULTS_TABLE, apply_migrations, connect, result_row
 from consumers.dead_letter import DeadLetterPublisher
-from consumers.kafka import ensure_topics, make_consumer, make_producer
+from consumers.kafka import RebalanceForwarder, ensure_topics, make_consumer, make_producer
 from consumers.metrics import SinkMetrics, serve_metrics
 from schemas.codec import INFERENCE_RESULT, Codec, SchemaError
 from streams.config import SluiceSettings
@@ -98,7 +98,7 @@ class ClickHouseSink:
         await ensure_topics(self._settings.kafka)
         await self._producer.start()
         await self._consumer.start()
-        self._consumer.subscribe([self._settings.kafka.topics.results], listener=_SinkRebalance(self))
+        self._consumer.subscribe([self._settings.kafka.topics.results], listener=RebalanceForwarder(self))
         try:
             while not stopping.is_set():
                 await self._poll_once()
@@ -209,17 +209,6 @@ class ClickHouseSink:
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("sink assigned %s", sorted((tp.topic, tp.partition) for tp in assigned))
         self.joined.set()
-
-
-class _SinkRebalance(ConsumerRebalanceListener):
-    def __init__(self, sink: ClickHouseSink) -> None:
-        self._sink = sink
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._sink.on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._sink.on_assigned(assigned)
 
 
 async def run_sink(

@@ -35,14 +35,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from prometheus_client import CollectorRegistry
 
 from consumers.batching import Batcher, Polled
 from consumers.dead_letter import DeadLetterPublisher
 from consumers.decode import DecodedInput, InvalidInput, decoder_for
-from consumers.kafka import ensure_topics, make_consumer, make_producer
+from consumers.kafka import RebalanceForwarder, ensure_topics, make_consumer, make_producer
 from consumers.metrics import WorkerMetrics, serve_metrics
 from consumers.offsets import OffsetTracker
 from engines import Engine, EngineError, ModelRepository, ModelSpec, load_engine
@@ -119,7 +119,7 @@ class ModalityPipeline:
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set, then drain and commit. Raises WorkerFailed on an unsafe failure."""
         await self._consumer.start()
-        self._consumer.subscribe([self.topic], listener=_RebalanceListener(self))
+        self._consumer.subscribe([self.topic], listener=RebalanceForwarder(self))
         tasks = [
             asyncio.create_task(self._poll_loop(), name=f"poll-{self.modality}"),
             asyncio.create_task(self._infer_loop(), name=f"infer-{self.modality}"),
@@ -366,17 +366,6 @@ class ModalityPipeline:
     def on_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("%s assigned %s", self.modality, sorted((tp.topic, tp.partition) for tp in assigned))
         self.joined.set()
-
-
-class _RebalanceListener(ConsumerRebalanceListener):
-    def __init__(self, pipeline: ModalityPipeline) -> None:
-        self._pipeline = pipeline
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await self._pipeline.on_revoked(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self._pipeline.on_assigned(assigned)
 
 
 def load_engines(settings: SluiceSettings, modalities: list[str]) -> dict[str, Engine]:
