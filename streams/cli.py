@@ -7,6 +7,7 @@
     sluice sink                      results -> ClickHouse
     sluice notifier                  results -> alerts (Faust)
     sluice demo                      all of the above for a minute, then a summary
+    sluice bench engines|pipeline    speed ratios, measured side by side in one run
     sluice clickhouse migrate|query  the sink's DDL, and ad-hoc SQL
     sluice config                    the effective configuration
 
@@ -188,6 +189,20 @@ def cmd_demo(settings: SluiceSettings, args: argparse.Namespace) -> int:
     return 0 if summary["ok"] else 1
 
 
+def cmd_bench(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from streams.bench import bench_engines, bench_pipeline, print_rows
+
+    if args.what == "engines":
+        rows = bench_engines(settings, tuple(args.batch_sizes), args.seconds)
+        print_rows(console, "engine throughput by batch size (ratio to batch 1, same run)", rows)
+    else:
+        rows = bench_pipeline(settings, args.messages)
+        print_rows(console, f"worker draining {args.messages} frames from the broker (same run)", rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def cmd_clickhouse(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from consumers.clickhouse import apply_migrations, connect
 
@@ -255,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--json", type=Path, help="also write the summary here")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="speed ratios measured side by side in one run")
+    p.add_argument("what", choices=["engines", "pipeline"])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="engines: sizes to compare")
+    p.add_argument("--seconds", type=float, default=2.0, help="engines: time per batch size")
+    p.add_argument("--messages", type=int, default=2000, help="pipeline: backlog of frames to drain per variant")
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("clickhouse", help="apply the DDL, or run SQL (prints JSON rows)")
     p.add_argument("action", choices=["migrate", "query"])

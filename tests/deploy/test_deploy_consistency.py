@@ -65,9 +65,10 @@ SUBCOMMANDS: dict[str, set[str] | None] = {
     "demo": None,
     "config": None,
     "clickhouse": {"migrate", "query"},
+    "bench": {"engines", "pipeline"},
 }
-# `stack` and `demo` start the embedded local stack: never what a container should run.
-LOCAL_ONLY_SUBCOMMANDS = {"stack", "demo"}
+# `stack`, `demo` and `bench pipeline` start the embedded local stack: never what a container should run.
+LOCAL_ONLY_SUBCOMMANDS = {"stack", "demo", "bench"}
 MODALITIES = {"frame", "audio"}
 # Roles whose processes serve Prometheus metrics, and the settings section holding the port.
 METRICS_ROLES = {"worker": "worker", "sink": "sink", "notifier": "notifier"}

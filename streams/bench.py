@@ -1,0 +1,119 @@
+"""`sluice bench`: speed figures as ratios measured side by side in one run.
+
+The machine is shared and noisy, so absolute numbers from different runs do not
+compare; variants measured back to back in the same run do.
+
+- `engines`: items/s of each bundled model at several batch sizes, in this
+  process, relative to batch size 1.
+- `pipeline`: a worker process draining the same backlog of frames from the
+  broker with batching off (max_batch_size=1) and on (the configured size):
+  throughput from the workers' own result timestamps, and the ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from consumers.kafka import ensure_topics
+from consumers.worker import load_engines
+from producers.sdk import DeviceClient
+from producers.synth import CameraScene, MicrophoneScene
+from streams import processes
+from streams.config import SluiceSettings
+from streams.observer import OutputObserver
+from streams.stack import LocalStack, isolated_settings, start_component, wait_components_ready
+
+
+def bench_engines(settings: SluiceSettings, batch_sizes: tuple[int, ...], seconds: float) -> list[dict[str, Any]]:
+    rows = []
+    engines = load_engines(settings, ["frame", "audio"])
+    rng = np.random.default_rng(0)
+    samples = {
+        "frame": np.stack([CameraScene(rng).next_frame()[0] for _ in range(max(batch_sizes))]),
+        "audio": np.stack([MicrophoneScene(rng).next_chunk()[0] for _ in range(max(batch_sizes))]),
+    }
+    for modality, engine in engines.items():
+        engine.warmup(max(batch_sizes))
+        base = None
+        for size in batch_sizes:
+            batch = samples[modality][:size]
+            calls, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                engine.infer(batch)
+                calls += 1
+            rate = calls * size / (time.perf_counter() - started)
+            base = base or rate
+            rows.append({"modality": modality, "batch_size": size, "items_per_s": round(rate, 1),
+                         "vs_batch_1": round(rate / base, 2)})  # fmt: skip
+        engine.close()
+    return rows
+
+
+async def _publish_backlog(settings: SluiceSettings, messages: int) -> None:
+    kafka = settings.kafka
+    scenes = [CameraScene(np.random.default_rng(i)) for i in range(8)]
+    async with DeviceClient(frames_topic=kafka.topics.frames, **kafka.producer_options()) as client:
+        deliveries = [await client.publish_frame(f"cam-{i % 8}", scenes[i % 8].next_frame()[0]) for i in range(messages)]
+        await asyncio.gather(*deliveries)
+
+
+async def _drain_rate(settings: SluiceSettings, messages: int) -> dict[str, Any]:
+    observer = OutputObserver(settings)
+    await observer.start()
+    try:
+        if not await observer.wait_for(lambda o: len(o.unique_sources()) >= messages, timeout_s=300):
+            raise RuntimeError(f"worker drained only {len(observer.observed.unique_sources())} of {messages}")
+        results = observer.observed.results
+    finally:
+        await observer.stop()
+    stamps = sorted(r["result_time_us"] for r in results)
+    window_s = (stamps[-1] - stamps[0]) / 1e6
+    sizes = [r["latency"]["batch_size"] for r in results]
+    return {"items_per_s": round(len(results) / window_s, 1) if window_s > 0 else float("inf"),
+            "mean_batch_size": round(float(np.mean(sizes)), 1)}  # fmt: skip
+
+
+def bench_pipeline(settings: SluiceSettings, messages: int) -> list[dict[str, Any]]:
+    """The same backlog drained by a frame worker with batching off, then on, on one fresh local stack."""
+    base_dir = settings.stack.run_dir.parent / "bench"
+    shutil.rmtree(base_dir, ignore_errors=True)
+    settings = isolated_settings(settings, base_dir)
+    stack = LocalStack(settings)
+    rows = []
+    try:
+        stack.up()
+        for label, batch_size in (("batching off", 1), ("batching on", settings.worker.max_batch_size)):
+            tag = f"bench{batch_size}"
+            topics = settings.kafka.topics.model_copy(update={"frames": f"{tag}.frames", "results": f"{tag}.results"})
+            variant = settings.model_copy(update={
+                "kafka": settings.kafka.model_copy(update={"topics": topics}),
+                "worker": settings.worker.model_copy(update={"max_batch_size": batch_size, "group_prefix": tag}),
+            })  # fmt: skip
+            asyncio.run(ensure_topics(variant.kafka))
+            asyncio.run(_publish_backlog(variant, messages))
+            process, ready = start_component(variant, f"worker-{tag}", ["worker", "--modality", "frame"])
+            try:
+                wait_components_ready([(process, ready)], timeout_s=120)
+                measured = asyncio.run(_drain_rate(variant, messages))
+            finally:
+                processes.stop(process)
+            rows.append({"variant": label, "max_batch_size": batch_size, **measured})
+        for row in rows:
+            row["vs_batching_off"] = round(row["items_per_s"] / rows[0]["items_per_s"], 2)
+    finally:
+        stack.down()
+    return rows
+
+
+def print_rows(console: Console, title: str, rows: list[dict[str, Any]]) -> None:
+    table = Table(*rows[0].keys(), title=title)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
