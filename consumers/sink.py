@@ -136,7 +136,8 @@ class ClickHouseSink:
     def _poll_timeout_ms(self) -> int:
         if self._buffer.started_at is None:
             return 100
-        due = self._buffer.started_at + self._sink.flush_interval_ms / 1000
+        # The next flush, or the next retry of a failed one: polling faster would only spin.
+        due = max(self._buffer.started_at + self._sink.flush_interval_ms / 1000, self._next_attempt)
         return int(max(0.0, min(due - time.monotonic(), 0.1)) * 1000)
 
     def _flush_due(self) -> bool:
@@ -190,7 +191,7 @@ class ClickHouseSink:
             log.warning("commit after insert failed (rows will be re-read and deduplicated): %s", exc)
 
     async def _final_flush(self) -> None:
-        deadline = time.monotonic() + self._settings.worker.drain_timeout_s
+        deadline = time.monotonic() + self._sink.drain_timeout_s
         while self._buffer.started_at is not None and time.monotonic() < deadline:
             if await self._flush():
                 return

@@ -160,6 +160,8 @@ class SinkSettings(BaseModel):
     # At this many buffered rows (an insert is failing) the sink pauses its partitions.
     max_buffered_rows: int = 100_000
     insert_retry_backoff_ms: int = 500
+    # How long a stopping sink keeps retrying its last insert before leaving the rows to be re-read.
+    drain_timeout_s: float = 10.0
     metrics_port: int | None = None
 
 
