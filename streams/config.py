@@ -234,7 +234,8 @@ class SluiceSettings(BaseSettings):
 
 
 def load_settings(config_path: Path | None = None) -> SluiceSettings:
-    """Settings from defaults, the TOML file (argument or SLUICE_CONFIG) and the environment."""
+    """Settings from defaults, the TOML file (argument or SLUICE_CONFIG) and the environment.
+    A file given here is also put in SLUICE_CONFIG, so the processes this one starts read it too."""
     if config_path is not None:
         os.environ["SLUICE_CONFIG"] = str(config_path)
     return SluiceSettings()
