@@ -40,10 +40,10 @@ log = logging.getLogger(__name__)
 
 
 class _Buffer:
-    """Rows and offset ranges since the last successful flush, per partition."""
+    """Rows since the last successful flush, and the offset range per partition they came from."""
 
     def __init__(self) -> None:
-        self.rows: dict[TopicPartition, list[list]] = {}
+        self.rows: list[list] = []
         self.ranges: dict[TopicPartition, tuple[int, int]] = {}
         self.started_at: float | None = None
 
@@ -52,12 +52,12 @@ class _Buffer:
         first, _ = self.ranges.get(tp, (message.offset, message.offset))
         self.ranges[tp] = (first, message.offset)
         if row is not None:
-            self.rows.setdefault(tp, []).append(row)
+            self.rows.append(row)
         if self.started_at is None:
             self.started_at = time.monotonic()
 
     def row_count(self) -> int:
-        return sum(len(rows) for rows in self.rows.values())
+        return len(self.rows)
 
     def token(self) -> str:
         """Same batch, same token: what makes a retried insert idempotent."""
@@ -149,7 +149,7 @@ class ClickHouseSink:
     async def _flush(self) -> bool:
         """Insert, then commit. Returns whether the buffer is now empty."""
         buffer = self._buffer
-        rows = [row for tp_rows in buffer.rows.values() for row in tp_rows]
+        rows = buffer.rows
         try:
             if self._pending_dead_letters:
                 await asyncio.gather(*self._pending_dead_letters)  # dead letters are part of the batch's outcome
