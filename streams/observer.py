@@ -30,6 +30,11 @@ def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> 
     return {f"p{p}": round(float(np.percentile(array, p)), 2) for p in points} | {"max": round(float(array.max()), 2)}
 
 
+def source(record: dict[str, Any]) -> tuple[str, int, int]:
+    """Where the input of a result, alert or dead letter sits in Kafka: what identifies it."""
+    return record["source_topic"], record["source_partition"], record["source_offset"]
+
+
 @dataclass
 class Observed:
     results: list[dict[str, Any]] = field(default_factory=list)
@@ -39,13 +44,17 @@ class Observed:
     first_result_at: float | None = None
     last_result_at: float | None = None
 
+    def sources(self) -> list[tuple[str, int, int]]:
+        """The input (topic, partition, offset) of each result, duplicates included."""
+        return [source(r) for r in self.results]
+
     def unique_sources(self) -> set[tuple[str, int, int]]:
-        return {(r["source_topic"], r["source_partition"], r["source_offset"]) for r in self.results}
+        return set(self.sources())
 
     def accuracy(self, modality: str) -> float | None:
         """Top-1 accuracy over distinct inputs of a modality that carry ground truth."""
         latest = {
-            (r["source_topic"], r["source_partition"], r["source_offset"]): r
+            source(r): r
             for r in self.results
             if r["modality"] == modality.upper() and r["ground_truth"] is not None
         }

@@ -13,10 +13,10 @@ from prometheus_client import CollectorRegistry
 
 from consumers.worker import WorkerFailed, load_engines, run_worker
 from engines import Engine, EngineError
-from producers.sdk import DeviceClient
+from producers.simulator import client_for
 from producers.synth import CameraScene
 from streams.config import SluiceSettings
-from streams.observer import Observed, OutputObserver
+from streams.observer import Observed, OutputObserver, source
 
 
 class ScriptedEngine(Engine):
@@ -50,9 +50,8 @@ class ScriptedEngine(Engine):
 
 
 async def _publish_frames(settings: SluiceSettings, count: int, poison_at: set[int] = frozenset()) -> set:
-    kafka = settings.kafka
     scene = CameraScene(np.random.default_rng(11))
-    async with DeviceClient(frames_topic=kafka.topics.frames, **kafka.producer_options()) as client:
+    async with client_for(settings.kafka, "test") as client:
         deliveries = []
         for i in range(count):
             frame, label = scene.next_frame()
@@ -86,10 +85,6 @@ async def _run(
         await observer.stop()
 
 
-def _sources(observed: Observed) -> list[tuple[str, int, int]]:
-    return [(r["source_topic"], r["source_partition"], r["source_offset"]) for r in observed.results]
-
-
 def _fast(settings: SluiceSettings, **worker: object) -> SluiceSettings:
     return settings.model_copy(update={"worker": settings.worker.model_copy(update=worker)})
 
@@ -106,7 +101,7 @@ async def test_engine_calls_longer_than_max_poll_interval_keep_the_group(setting
         return published
 
     observed, _ = await _run(settings, engine, lambda o: published and len(o.unique_sources()) >= len(published), publish)
-    sources = _sources(observed)
+    sources = observed.sources()
     assert set(sources) == published
     assert len(sources) == len(set(sources)), "a consumer thrown out of its group would redo messages"
     assert engine.calls >= 3
@@ -159,7 +154,7 @@ async def test_a_poison_input_is_isolated_and_dead_lettered(settings: SluiceSett
     assert len(observed.unique_sources()) == 19
     (letter,) = observed.dead_letters
     assert letter["stage"] == "infer" and "fails on this input alone" in letter["reason"]
-    assert (letter["source_topic"], letter["source_partition"], letter["source_offset"]) in published
+    assert source(letter) in published
 
 
 async def test_a_broken_engine_stops_the_worker_without_committing(settings: SluiceSettings) -> None:

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from producers.sdk import DeviceClient
+from producers.simulator import client_for
 from producers.synth import CameraScene, MicrophoneScene
 from schemas.codec import FRAME_CHUNK, Codec
 from streams import processes
 from streams.config import SluiceSettings, settings_env
-from streams.observer import Observed, OutputObserver
+from streams.observer import Observed, OutputObserver, source
 from tests.conftest import Components, scoped
 
 K = 200
@@ -53,7 +53,7 @@ async def _publish(settings: SluiceSettings) -> tuple[set, dict]:
     cameras = [CameraScene(np.random.default_rng(rng.integers(2**63))) for _ in range(4)]
     microphones = [MicrophoneScene(np.random.default_rng(rng.integers(2**63))) for _ in range(4)]
     deliveries = []
-    async with DeviceClient(frames_topic=kafka.topics.frames, audio_topic=kafka.topics.audio, **kafka.producer_options()) as client:
+    async with client_for(kafka, "test") as client:
         for i in range(K):
             frame, label = cameras[i % 4].next_frame()
             deliveries.append(await client.publish_frame(f"cam-{i % 4}", frame, label=label))
@@ -132,7 +132,7 @@ def run(stack_settings: SluiceSettings, tmp_path_factory: pytest.TempPathFactory
 
 
 def test_every_input_yields_exactly_one_distinct_result(run: PipelineRun) -> None:
-    sources = [(r["source_topic"], r["source_partition"], r["source_offset"]) for r in run.observed.results]
+    sources = run.observed.sources()
     assert len(run.valid_sources) == 2 * K
     assert set(sources) == run.valid_sources
     assert len(sources) == len(set(sources)), "no crash happened, so no input should have two results"
@@ -153,7 +153,7 @@ def test_accuracy_at_least_95_percent(run: PipelineRun) -> None:
 
 
 def test_malformed_inputs_go_to_the_dead_letter_topic_with_a_reason(run: PipelineRun) -> None:
-    letters = {(d["source_topic"], d["source_partition"], d["source_offset"]): d for d in run.observed.dead_letters}
+    letters = {source(d): d for d in run.observed.dead_letters}
     assert len(letters) == len(run.malformed)
     not_avro = letters[run.malformed["not avro"]]
     assert not_avro["stage"] == "decode" and "magic byte" in not_avro["reason"]

@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from producers.sdk import DeviceClient
+from producers.simulator import client_for
 from producers.synth import CameraScene
 from streams import processes
 from streams.config import SluiceSettings
@@ -20,9 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 async def _publish(settings: SluiceSettings, count: int, seed: int) -> set[tuple[str, int, int]]:
-    kafka = settings.kafka
     scenes = [CameraScene(np.random.default_rng(seed + i)) for i in range(8)]
-    async with DeviceClient(frames_topic=kafka.topics.frames, **kafka.producer_options()) as client:
+    async with client_for(settings.kafka, "test") as client:
         deliveries = []
         for i in range(count):
             frame, label = scenes[i % 8].next_frame()
@@ -48,7 +47,7 @@ def test_rebalance_and_kill_lose_nothing(settings: SluiceSettings, components: C
             published |= await publishing
             drained = await observer.wait_for(lambda o: len(o.unique_sources()) >= len(published), timeout_s=90)
             assert drained, f"{len(published) - len(observer.observed.unique_sources())} inputs never got a result"
-            sources = [(r["source_topic"], r["source_partition"], r["source_offset"]) for r in observer.observed.results]
+            sources = observer.observed.sources()
             return published, sources, len(observer.observed.dead_letters)
         finally:
             await observer.stop()
