@@ -19,9 +19,19 @@ import numpy as np
 
 from producers.sdk import DeviceClient
 from producers.synth import CameraScene, MicrophoneScene
-from streams.config import SimulatorSettings
+from streams.config import KafkaSettings, SimulatorSettings
 
 log = logging.getLogger(__name__)
+
+
+def client_for(kafka: KafkaSettings, role: str = "simulator") -> DeviceClient:
+    """A DeviceClient on the configured cluster and topics, with the configured producer options."""
+    return DeviceClient(
+        frames_topic=kafka.topics.frames,
+        audio_topic=kafka.topics.audio,
+        client_id=f"{kafka.client_id}-{role}",
+        **kafka.producer_options(),
+    )
 
 
 @dataclass

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from consumers.kafka import ensure_topics
 from consumers.worker import load_engines
-from producers.sdk import DeviceClient
+from producers.simulator import client_for
 from producers.synth import CameraScene, MicrophoneScene
 from streams import processes
 from streams.config import SluiceSettings
@@ -57,9 +57,8 @@ def bench_engines(settings: SluiceSettings, batch_sizes: tuple[int, ...], second
 
 
 async def _publish_backlog(settings: SluiceSettings, messages: int) -> None:
-    kafka = settings.kafka
     scenes = [CameraScene(np.random.default_rng(i)) for i in range(8)]
-    async with DeviceClient(frames_topic=kafka.topics.frames, **kafka.producer_options()) as client:
+    async with client_for(settings.kafka, "bench") as client:
         deliveries = [await client.publish_frame(f"cam-{i % 8}", scenes[i % 8].next_frame()[0]) for i in range(messages)]
         await asyncio.gather(*deliveries)
 

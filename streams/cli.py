@@ -108,8 +108,7 @@ def cmd_topics(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    from producers.sdk import DeviceClient
-    from producers.simulator import run_fleet
+    from producers.simulator import client_for, run_fleet
 
     updates = {
         k: v
@@ -132,14 +131,7 @@ def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
         from consumers.kafka import ensure_topics
 
         await ensure_topics(settings.kafka)
-        kafka = settings.kafka
-        options = kafka.producer_options()
-        async with DeviceClient(
-            frames_topic=kafka.topics.frames,
-            audio_topic=kafka.topics.audio,
-            client_id=f"{kafka.client_id}-simulator",
-            **options,
-        ) as client:
+        async with client_for(settings.kafka) as client:
             report = await run_fleet(
                 client,
                 sim,
