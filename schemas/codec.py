@@ -13,9 +13,11 @@ import io
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fastavro
+
+from schemas.errors import SluiceError
 
 FRAME_CHUNK = "io.sluice.FrameChunk"
 AUDIO_CHUNK = "io.sluice.AudioChunk"
@@ -23,14 +25,19 @@ INFERENCE_RESULT = "io.sluice.InferenceResult"
 ALERT = "io.sluice.Alert"
 DEAD_LETTER = "io.sluice.DeadLetter"
 
+if TYPE_CHECKING:
+    from schemas.records import Record
+
+R = TypeVar("R", bound="Record")
+
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
 SCHEMA_DIR = Path(__file__).resolve().parent
 
-Record = dict[str, Any]
+AvroRecord = dict[str, Any]
 
 
-class SchemaError(ValueError):
+class SchemaError(SluiceError, ValueError):
     """A message that is not a valid Sluice record: wrong framing, unknown schema id,
     a body that does not match its schema, or a record of an unexpected type."""
 
@@ -56,7 +63,7 @@ class Codec:
     def schema_id(self, name: str) -> int:
         return self._by_name[name][0]
 
-    def encode(self, name: str, record: Record) -> bytes:
+    def encode(self, name: str, record: AvroRecord) -> bytes:
         try:
             schema_id, parsed = self._by_name[name]
         except KeyError:
@@ -69,7 +76,7 @@ class Codec:
             raise SchemaError(f"record does not match {name}: {exc}") from exc
         return buf.getvalue()
 
-    def decode(self, data: bytes | None, expect: str | None = None) -> tuple[str, Record]:
+    def decode(self, data: bytes | None, expect: str | None = None) -> tuple[str, AvroRecord]:
         """Decode one message value into (schema name, record). With `expect`, a record
         of any other type is a SchemaError too."""
         if data is None:
@@ -94,3 +101,12 @@ class Codec:
         if body.tell() != len(data):
             raise SchemaError(f"{len(data) - body.tell()} trailing bytes after the {name} body")
         return name, record  # type: ignore[return-value]
+
+    def write(self, record: Record) -> bytes:
+        """A typed record (`schemas/records.py`) in the wire format."""
+        return self.encode(record.schema, record.to_avro())
+
+    def read(self, data: bytes | None, record_type: type[R]) -> R:
+        """One message value as a typed record of `record_type`; any other type is a SchemaError."""
+        _, avro = self.decode(data, expect=record_type.schema)
+        return record_type.from_avro(avro)  # type: ignore[return-value]
