@@ -30,7 +30,7 @@ test: $(VENV)/.installed-$(EXTRAS_TEST)
 
 # Retrain the bundled models (about 10 minutes on 2 cores) and re-measure their accuracy.
 train: $(VENV)/.installed-$(EXTRAS_TEST)
-	$(BIN)/python -m engines.training.train --model all --out engines/models
+	$(BIN)/python -m streams.training.train --model all --out engines/models
 
 clean:
 	rm -rf $(VENV) .sluice demo-summary.json

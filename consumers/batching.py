@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 from aiokafka import ConsumerRecord, TopicPartition
 
+from schemas.records import Source
+
 
 @dataclass(slots=True)
 class Polled:
@@ -28,6 +30,10 @@ class Polled:
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.message.topic, self.message.partition)
+
+    @property
+    def source(self) -> Source:
+        return Source(self.message.topic, self.message.partition, self.message.offset)
 
     @property
     def size(self) -> int:
@@ -67,10 +73,3 @@ class Batcher:
             except TimeoutError:
                 break
         return batch
-
-    def drain_nowait(self) -> list[Polled]:
-        """Everything queued, without waiting (used at shutdown)."""
-        items = []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        return items

@@ -17,6 +17,10 @@ from typing import Any
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError as DriverError
+
+from schemas.errors import ConfigError, SluiceError
+from schemas.records import InferenceResult
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +33,21 @@ RESULT_COLUMNS = (
 )  # fmt: skip
 
 
+class ClickHouseUnavailable(SluiceError):
+    """ClickHouse could not be opened or reached (check SLUICE_CLICKHOUSE__DSN)."""
+
+
 def connect(dsn: str) -> Client:
     if dsn.startswith("chdb://"):
         Path(dsn.removeprefix("chdb://")).mkdir(parents=True, exist_ok=True)
-    return clickhouse_connect.get_client(dsn=dsn)
+    try:
+        return clickhouse_connect.get_client(dsn=dsn)
+    except (DriverError, OSError) as exc:
+        raise ClickHouseUnavailable(f"cannot open ClickHouse at {_redacted(dsn)}: {exc}") from exc
+
+
+def _redacted(dsn: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", dsn)
 
 
 def _statements(sql: str) -> list[str]:
@@ -44,7 +59,7 @@ def apply_migrations(client: Client, migrations_dir: Path, database: str) -> lis
     """Apply, in file-name order, the `*.sql` files not yet recorded in `<database>.schema_migrations`.
     Return the versions applied now. `${database}` in a file is replaced by the configured database."""
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
-        raise ValueError(f"database name {database!r} is not a plain identifier")
+        raise ConfigError(f"database name {database!r} is not a plain identifier")
     client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
     client.command(
         f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
@@ -55,7 +70,7 @@ def apply_migrations(client: Client, migrations_dir: Path, database: str) -> lis
     done = []
     files = sorted(migrations_dir.glob("*.sql"))
     if not files:
-        raise FileNotFoundError(f"no migrations in {migrations_dir} (set SLUICE_CLICKHOUSE__MIGRATIONS_DIR)")
+        raise ConfigError(f"no migrations in {migrations_dir} (set SLUICE_CLICKHOUSE__MIGRATIONS_DIR)")
     for path in files:
         sql = path.read_text()
         checksum = hashlib.sha256(sql.encode()).hexdigest()
@@ -75,31 +90,31 @@ def _utc(us: int) -> datetime:
     return datetime.fromtimestamp(us / 1e6, tz=UTC)
 
 
-def result_row(result: dict[str, Any]) -> list[Any]:
-    """One InferenceResult record as a row in RESULT_COLUMNS order."""
-    top = result["top_k"]
-    latency = result["latency"]
+def result_row(result: InferenceResult) -> list[Any]:
+    """One result as a row in RESULT_COLUMNS order."""
+    best = result.best
+    latency = result.latency
     return [
-        result["source_topic"],
-        result["source_partition"],
-        result["source_offset"],
-        result["trace_id"],
-        result["device_id"],
-        result["modality"],
-        result["seq"],
-        _utc(result["capture_time_us"]),
-        _utc(result["result_time_us"]),
-        result["model_name"],
-        result["model_version"],
-        top[0]["label"] if top else "",
-        top[0]["score"] if top else 0.0,
-        [t["label"] for t in top],
-        [t["score"] for t in top],
-        result["ground_truth"],
-        latency["queue_ms"],
-        latency["batch_wait_ms"],
-        latency["decode_ms"],
-        latency["inference_ms"],
-        latency["batch_size"],
-        result["worker_id"],
+        result.source_topic,
+        result.source_partition,
+        result.source_offset,
+        result.trace_id,
+        result.device_id,
+        result.modality,
+        result.seq,
+        _utc(result.capture_time_us),
+        _utc(result.result_time_us),
+        result.model_name,
+        result.model_version,
+        best.label if best else "",
+        best.score if best else 0.0,
+        [t.label for t in result.top_k],
+        [t.score for t in result.top_k],
+        result.ground_truth,
+        latency.queue_ms,
+        latency.batch_wait_ms,
+        latency.decode_ms,
+        latency.inference_ms,
+        latency.batch_size,
+        result.worker_id,
     ]

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from engines.repository import AudioPreprocessing, ModelSpec
-from schemas.codec import AUDIO_CHUNK, FRAME_CHUNK, Codec, SchemaError
+from schemas.codec import Codec, SchemaError
+from schemas.errors import SluiceError
+from schemas.records import AudioChunk, FrameChunk, InputChunk
+from schemas.topics import AUDIO, FRAME, Modality
 
 
-class InvalidInput(ValueError):
+R = TypeVar("R", FrameChunk, AudioChunk)
+
+
+class InvalidInput(SluiceError, ValueError):
     """A message that cannot become a model input. `stage` says where it failed:
     "decode" (wire format, Avro) or "validate" (shape, dtype, sample rate)."""
 
@@ -31,12 +37,12 @@ class InvalidInput(ValueError):
 
 @dataclass(slots=True)
 class DecodedInput:
-    record: dict[str, Any]  # the Avro record, without its payload bytes
+    record: InputChunk  # the input record, its payload bytes dropped
     item: np.ndarray  # one model input, shaped spec.input.shape
 
 
 class FrameDecoder:
-    record_name = FRAME_CHUNK
+    modality: Modality = FRAME
 
     def __init__(self, spec: ModelSpec, codec: Codec) -> None:
         self.spec = spec
@@ -44,23 +50,24 @@ class FrameDecoder:
         self.height, self.width, self.channels = spec.input.shape
 
     def decode(self, value: bytes | None) -> DecodedInput:
-        record = _decode_record(self.codec, value, self.record_name)
-        data: bytes = record.pop("data")
-        if record["encoding"] == "JPEG":
+        record = _read(self.codec, value, FrameChunk)
+        data, record.data = record.data, b""
+        if record.encoding == "JPEG":
             image = self._from_jpeg(data)
         else:
             image = self._from_raw(record, data)
         if image.shape[2] == 1:
             image = np.repeat(image, 3, axis=2)  # grayscale camera: replicate to RGB
         if image.shape[:2] != (self.height, self.width):
-            # Bilinear, as the model config declares: cameras of other resolutions are served, not rejected.
+            # Cameras of other resolutions are served, not rejected: resized bilinearly (the only
+            # resize FramePreprocessing allows) to the model's input size.
             image = np.asarray(Image.fromarray(image).resize((self.width, self.height), Image.BILINEAR))
         return DecodedInput(record, image)
 
-    def _from_raw(self, record: dict[str, Any], data: bytes) -> np.ndarray:
-        h, w, c = record["height"], record["width"], record["channels"]
-        if record["dtype"] != "uint8":
-            raise InvalidInput("validate", f"RAW frames must be uint8, this one says dtype={record['dtype']!r}")
+    def _from_raw(self, record: FrameChunk, data: bytes) -> np.ndarray:
+        h, w, c = record.height, record.width, record.channels
+        if record.dtype != "uint8":
+            raise InvalidInput("validate", f"RAW frames must be uint8, this one says dtype={record.dtype!r}")
         if h <= 0 or w <= 0 or c not in (1, 3):
             raise InvalidInput("validate", f"unsupported frame shape {h}x{w}x{c}: need positive sides and 1 or 3 channels")
         if len(data) != h * w * c:
@@ -81,7 +88,7 @@ class FrameDecoder:
 
 
 class AudioDecoder:
-    record_name = AUDIO_CHUNK
+    modality: Modality = AUDIO
 
     def __init__(self, spec: ModelSpec, codec: Codec) -> None:
         if not isinstance(spec.preprocessing, AudioPreprocessing):
@@ -92,13 +99,13 @@ class AudioDecoder:
         (self.num_samples,) = spec.input.shape
 
     def decode(self, value: bytes | None) -> DecodedInput:
-        record = _decode_record(self.codec, value, self.record_name)
-        data: bytes = record.pop("data")
-        channels = record["channels"]
-        if record["sample_rate"] != self.sample_rate:
+        record = _read(self.codec, value, AudioChunk)
+        data, record.data = record.data, b""
+        channels = record.channels
+        if record.sample_rate != self.sample_rate:
             raise InvalidInput(
                 "validate",
-                f"sample rate {record['sample_rate']} Hz, but model {self.spec.name} v{self.spec.version} "
+                f"sample rate {record.sample_rate} Hz, but model {self.spec.name} v{self.spec.version} "
                 f"expects {self.sample_rate} Hz (resample at the device)",
             )
         if channels < 1:
@@ -117,16 +124,16 @@ class AudioDecoder:
         return DecodedInput(record, item)
 
 
-def _decode_record(codec: Codec, value: bytes | None, expect: str) -> dict[str, Any]:
+def _read(codec: Codec, value: bytes | None, record_type: type[R]) -> R:
     try:
-        _, record = codec.decode(value, expect=expect)
+        return codec.read(value, record_type)
     except SchemaError as exc:
         raise InvalidInput("decode", str(exc)) from exc
-    return record
 
 
 Decoder = FrameDecoder | AudioDecoder
+_DECODERS: dict[str, type[Decoder]] = {d.modality.name: d for d in (FrameDecoder, AudioDecoder)}
 
 
 def decoder_for(spec: ModelSpec, codec: Codec) -> Decoder:
-    return FrameDecoder(spec, codec) if spec.modality == "frame" else AudioDecoder(spec, codec)
+    return _DECODERS[spec.modality](spec, codec)

@@ -13,9 +13,10 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from engines.repository import ModelSpec
+from schemas.errors import SluiceError
 
 
-class EngineError(RuntimeError):
+class EngineError(SluiceError, RuntimeError):
     """The engine failed on a batch. The worker retries the items one by one to find a poison input."""
 
 

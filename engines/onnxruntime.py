@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.base import Engine, EngineError
-from engines.repository import ModelSpec
+from engines.repository import ModelNotFound, ModelSpec
 
 
 class OnnxRuntimeEngine(Engine):
@@ -15,7 +15,7 @@ class OnnxRuntimeEngine(Engine):
     def __init__(self, spec: ModelSpec, intra_op_threads: int = 1) -> None:
         super().__init__(spec)
         if spec.path is None:
-            raise ValueError(f"model {spec.name} v{spec.version} has no file path")
+            raise ModelNotFound(f"model {spec.name} v{spec.version} has no file path")
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1

@@ -13,7 +13,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-Modality = Literal["frame", "audio"]
+from schemas.errors import SluiceError
+
+Modality = Literal["frame", "audio"]  # the names in schemas.topics.MODALITIES
 
 
 class TensorSpec(BaseModel):
@@ -58,8 +60,8 @@ class ModelSpec(BaseModel):
     path: Path | None = None
 
 
-class ModelNotFound(LookupError):
-    pass
+class ModelNotFound(SluiceError, LookupError):
+    """No such model or version in the repository (check SLUICE_ENGINE__MODEL_REPOSITORY and the model names)."""
 
 
 class ModelRepository:

@@ -1,0 +1,1 @@
+"""What publishes to Sluice: the device SDK, the fleet simulator and its synthetic scenes."""

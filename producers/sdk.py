@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 import uuid
 from typing import Any, Literal
 
@@ -26,10 +25,12 @@ from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
 from PIL import Image
 
-from schemas.codec import AUDIO_CHUNK, FRAME_CHUNK, Codec
+from schemas.codec import Codec
+from schemas.errors import SluiceError
+from schemas.records import AudioChunk, FrameChunk, now_us
 
 
-class PublishError(RuntimeError):
+class PublishError(SluiceError):
     """The broker did not take a record after the producer's own retries."""
 
 
@@ -110,20 +111,20 @@ class DeviceClient:
             data = buf.getvalue()
         else:
             data = np.ascontiguousarray(frame).tobytes()
-        record = {
-            "device_id": device_id,
-            "trace_id": trace_id or uuid.uuid4().hex,
-            "seq": self._next_seq(device_id),
-            "capture_time_us": capture_time_us if capture_time_us is not None else time.time_ns() // 1000,
-            "encoding": encoding.upper(),
-            "height": height,
-            "width": width,
-            "channels": channels,
-            "dtype": "uint8",
-            "data": data,
-            "label": label,
-        }
-        return await self._send(self.frames_topic, device_id, self._codec.encode(FRAME_CHUNK, record), wait)
+        record = FrameChunk(
+            device_id=device_id,
+            trace_id=trace_id or uuid.uuid4().hex,
+            seq=self._next_seq(device_id),
+            capture_time_us=capture_time_us if capture_time_us is not None else now_us(),
+            encoding=encoding.upper(),
+            height=height,
+            width=width,
+            channels=channels,
+            dtype="uint8",
+            data=data,
+            label=label,
+        )
+        return await self._send(self.frames_topic, device_id, self._codec.write(record), wait)
 
     async def publish_audio(
         self,
@@ -142,18 +143,18 @@ class DeviceClient:
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         channels = 1 if pcm.ndim == 1 else pcm.shape[1]
-        record = {
-            "device_id": device_id,
-            "trace_id": trace_id or uuid.uuid4().hex,
-            "seq": self._next_seq(device_id),
-            "capture_time_us": capture_time_us if capture_time_us is not None else time.time_ns() // 1000,
-            "encoding": "PCM_S16LE",
-            "sample_rate": sample_rate,
-            "channels": channels,
-            "data": np.ascontiguousarray(pcm, dtype="<i2").tobytes(),
-            "label": label,
-        }
-        return await self._send(self.audio_topic, device_id, self._codec.encode(AUDIO_CHUNK, record), wait)
+        record = AudioChunk(
+            device_id=device_id,
+            trace_id=trace_id or uuid.uuid4().hex,
+            seq=self._next_seq(device_id),
+            capture_time_us=capture_time_us if capture_time_us is not None else now_us(),
+            encoding="PCM_S16LE",
+            sample_rate=sample_rate,
+            channels=channels,
+            data=np.ascontiguousarray(pcm, dtype="<i2").tobytes(),
+            label=label,
+        )
+        return await self._send(self.audio_topic, device_id, self._codec.write(record), wait)
 
     async def _send(
         self, topic: str, device_id: str, value: bytes, wait: bool

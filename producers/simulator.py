@@ -13,42 +13,68 @@ import heapq
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from producers.sdk import DeviceClient
+from producers.settings import SimulatorSettings
 from producers.synth import CameraScene, MicrophoneScene
-from streams.config import KafkaSettings, SimulatorSettings
+from schemas.topics import AUDIO, FRAME
 
 log = logging.getLogger(__name__)
 
+# A device renders its next input (drifting or not) and publishes it; it returns the delivery future and the label.
+Publish = Callable[[DeviceClient, bool], Awaitable[tuple[asyncio.Future, str]]]
 
-def client_for(kafka: KafkaSettings, role: str = "simulator") -> DeviceClient:
-    """A DeviceClient on the configured cluster and topics, with the configured producer options."""
-    return DeviceClient(
-        frames_topic=kafka.topics.frames,
-        audio_topic=kafka.topics.audio,
-        client_id=f"{kafka.client_id}-{role}",
-        **kafka.producer_options(),
-    )
+
+def _camera(device_id: str, scene: CameraScene, sim: SimulatorSettings) -> Publish:
+    async def publish(client: DeviceClient, drifting: bool) -> tuple[asyncio.Future, str]:
+        frame, label = scene.next_frame(brightness=sim.drift_brightness if drifting else 1.0)
+        return await client.publish_frame(device_id, frame, encoding=sim.frame_encoding, label=label), label
+
+    return publish
+
+
+def _microphone(device_id: str, scene: MicrophoneScene, sim: SimulatorSettings) -> Publish:
+    async def publish(client: DeviceClient, drifting: bool) -> tuple[asyncio.Future, str]:
+        chunk, label = scene.next_chunk(extra_noise=sim.drift_extra_noise if drifting else 0.0)
+        return await client.publish_audio(device_id, chunk, scene.sample_rate, label=label), label
+
+    return publish
 
 
 @dataclass
 class FleetReport:
-    frames_published: int = 0
-    audio_published: int = 0
+    published: Counter[str] = field(default_factory=Counter)  # modality name -> inputs the broker took
     failed: int = 0
     duration_s: float = 0.0
     drift_started_at_s: float | None = None
     labels: dict[str, int] = field(default_factory=dict)
 
     @property
+    def frames_published(self) -> int:
+        return self.published[FRAME.name]
+
+    @property
+    def audio_published(self) -> int:
+        return self.published[AUDIO.name]
+
+    @property
     def inputs_published(self) -> int:
-        return self.frames_published + self.audio_published
+        return sum(self.published.values())
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "inputs_published": self.inputs_published}
+        return {
+            "frames_published": self.frames_published,
+            "audio_published": self.audio_published,
+            "inputs_published": self.inputs_published,
+            "failed": self.failed,
+            "duration_s": self.duration_s,
+            "drift_started_at_s": self.drift_started_at_s,
+            "labels": self.labels,
+        }
 
 
 @dataclass(order=True)
@@ -56,6 +82,8 @@ class _Due:
     at: float
     index: int
     device_id: str = field(compare=False)
+    modality: str = field(compare=False)
+    publish: Publish = field(compare=False)
     period: float = field(compare=False)
     remaining: int | None = field(compare=False)  # None: unlimited
 
@@ -75,36 +103,39 @@ async def run_fleet(
     if seconds is None and frames_per_camera is None and chunks_per_microphone is None:
         raise ValueError("give seconds, or a count of frames and/or audio chunks")
     rng = np.random.default_rng(sim.seed)
-    cameras = {f"cam-{i:02d}": CameraScene(np.random.default_rng(rng.integers(2**63))) for i in range(sim.cameras)}
+    cameras = {
+        device_id: _camera(device_id, CameraScene(np.random.default_rng(rng.integers(2**63))), sim)
+        for device_id in (f"cam-{i:02d}" for i in range(sim.cameras))
+    }
     microphones = {
-        f"mic-{i:02d}": MicrophoneScene(np.random.default_rng(rng.integers(2**63))) for i in range(sim.microphones)
+        device_id: _microphone(device_id, MicrophoneScene(np.random.default_rng(rng.integers(2**63))), sim)
+        for device_id in (f"mic-{i:02d}" for i in range(sim.microphones))
     }
     counted = frames_per_camera is not None or chunks_per_microphone is not None
     start = time.monotonic()
     queue: list[_Due] = []
-    for devices, rate, count in (
-        (cameras, sim.camera_fps, frames_per_camera),
-        (microphones, sim.chunks_per_s, chunks_per_microphone),
+    for modality, devices, rate, count in (
+        (FRAME.name, cameras, sim.camera_fps, frames_per_camera),
+        (AUDIO.name, microphones, sim.chunks_per_s, chunks_per_microphone),
     ):
         if counted and not count:
             continue
         period = 1.0 / rate
-        for i, device_id in enumerate(devices):
-            heapq.heappush(queue, _Due(start + period * i / max(1, len(devices)), len(queue), device_id, period, count))
+        for i, (device_id, publish) in enumerate(devices.items()):
+            at = start + period * i / max(1, len(devices))
+            heapq.heappush(queue, _Due(at, len(queue), device_id, modality, publish, period, count))
 
     report = FleetReport()
     labels: Counter[str] = Counter()
     pending: set[asyncio.Future] = set()
 
-    def delivered(future: asyncio.Future, kind: str) -> None:
+    def delivered(future: asyncio.Future, modality: str) -> None:
         pending.discard(future)
         if future.cancelled() or future.exception() is not None:
             report.failed += 1
             log.error("publish failed: %s", "cancelled" if future.cancelled() else future.exception())
-        elif kind == "frame":
-            report.frames_published += 1
         else:
-            report.audio_published += 1
+            report.published[modality] += 1
 
     while queue and not (stopping is not None and stopping.is_set()):
         due = heapq.heappop(queue)
@@ -118,18 +149,10 @@ async def run_fleet(
         if drifting and report.drift_started_at_s is None:
             report.drift_started_at_s = elapsed
             log.info("drift starts at %.1fs", elapsed)
-        if due.device_id in cameras:
-            frame, label = cameras[due.device_id].next_frame(brightness=sim.drift_brightness if drifting else 1.0)
-            future = await client.publish_frame(due.device_id, frame, encoding=sim.frame_encoding, label=label)
-            kind = "frame"
-        else:
-            microphone = microphones[due.device_id]
-            chunk, label = microphone.next_chunk(extra_noise=sim.drift_extra_noise if drifting else 0.0)
-            future = await client.publish_audio(due.device_id, chunk, microphone.sample_rate, label=label)
-            kind = "audio"
+        future, label = await due.publish(client, drifting)
         labels[label] += 1
         pending.add(future)
-        future.add_done_callback(lambda f, k=kind: delivered(f, k))
+        future.add_done_callback(lambda f, m=due.modality: delivered(f, m))
         if due.remaining is not None:
             due.remaining -= 1
             if due.remaining == 0:

@@ -1,7 +1,7 @@
 """Synthetic cameras and microphones with known ground truth.
 
 The fleet simulator publishes what these scenes render, and the training script
-(`engines/training/train.py`) learns from the same generators, so the bundled
+(`streams/training/train.py`) learns from the same generators, so the bundled
 models' accuracy can be measured on fresh data at any time.
 
 Frames: one moving shape of a known class (circle, square, triangle, cross) on a

@@ -11,8 +11,9 @@
     sluice clickhouse migrate|query  the sink's DDL, and ad-hoc SQL
     sluice config                    the effective configuration
 
-Every process takes its settings from `streams/config.py` (defaults, `--config`
-TOML file, `SLUICE_*` environment variables).
+Every process takes its settings from `streams/settings.py` (defaults, `--config`
+TOML file, `SLUICE_*` environment variables). A mistake a user can fix ends in
+one line saying what to do and exit status 2; `--debug` adds the traceback.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from engines.repository import ModelNotFound
-from streams.config import SluiceSettings, load_settings
-from streams.processes import ProcessError
+from schemas.errors import SluiceError
+from schemas.topics import MODALITY_NAMES
+from streams.settings import SluiceSettings, load_settings
 
 console = Console()
 
@@ -78,7 +79,7 @@ def _run_until_signalled(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any
 
 
 def cmd_stack(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    from streams.stack import LocalStack
+    from streams.local.stack import LocalStack
 
     stack = LocalStack(settings)
     if args.action == "up":
@@ -108,7 +109,8 @@ def cmd_topics(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    from producers.simulator import client_for, run_fleet
+    from consumers.kafka import device_client, ensure_topics
+    from producers.simulator import run_fleet
 
     updates = {
         k: v
@@ -128,10 +130,8 @@ def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
         args.seconds = 60.0
 
     async def main(stopping: asyncio.Event) -> int:
-        from consumers.kafka import ensure_topics
-
         await ensure_topics(settings.kafka)
-        async with client_for(settings.kafka) as client:
+        async with device_client(settings.kafka) as client:
             report = await run_fleet(
                 client,
                 sim,
@@ -151,38 +151,51 @@ def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    from consumers.worker import MODALITIES, run_worker
+    from consumers.worker import run_worker
+    from engines import load_engines
 
-    modalities = args.modality or list(MODALITIES)
-    _run_until_signalled(lambda stopping: run_worker(settings, modalities, stopping, _ready_callback(args.ready_file)))
+    engines = load_engines(settings.engine, args.modality or MODALITY_NAMES)
+    _run_until_signalled(
+        lambda stopping: run_worker(
+            settings.kafka, settings.worker, engines, stopping, _ready_callback(args.ready_file),
+            metrics_host=settings.metrics_host,
+        )
+    )  # fmt: skip
     return 0
 
 
 def cmd_sink(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from consumers.sink import run_sink
 
-    _run_until_signalled(lambda stopping: run_sink(settings, stopping, _ready_callback(args.ready_file)))
+    _run_until_signalled(
+        lambda stopping: run_sink(
+            settings.kafka, settings.sink, settings.clickhouse, stopping, _ready_callback(args.ready_file),
+            metrics_host=settings.metrics_host,
+        )
+    )  # fmt: skip
     return 0
 
 
 def cmd_notifier(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from consumers.kafka import ensure_topics
-    from streams.notifier import run_notifier
+    from streams.apps.notifier import create_app, run_notifier
 
     asyncio.run(ensure_topics(settings.kafka))
-    run_notifier(settings, _ready_callback(args.ready_file))
+    app = create_app(settings.kafka, settings.notifier, settings.redis, settings.metrics_host,
+                     _ready_callback(args.ready_file))  # fmt: skip
+    run_notifier(app, settings.log_level)
     return 0
 
 
 def cmd_demo(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    from streams.demo import run_demo
+    from streams.local.demo import run_demo
 
     summary = run_demo(settings, seconds=args.seconds, json_path=args.json, console=console)
     return 0 if summary["ok"] else 1
 
 
 def cmd_bench(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    from streams.bench import bench_engines, bench_pipeline, print_rows
+    from streams.local.bench import bench_engines, bench_pipeline, print_rows
 
     if args.what == "engines":
         rows = bench_engines(settings, tuple(args.batch_sizes), args.seconds)
@@ -222,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sluice", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", type=Path, help="TOML settings file (also SLUICE_CONFIG)")
     parser.add_argument("--log-level", help="overrides SLUICE_LOG_LEVEL")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="the local broker and Redis")
@@ -255,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--ready-file", type=Path, help="touched once the process has joined its consumer group")
         if name == "worker":
-            p.add_argument("--modality", action="append", choices=["frame", "audio"], help="repeatable; default both")
+            p.add_argument("--modality", action="append", choices=MODALITY_NAMES, help="repeatable; default all")
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="the whole system for a while, then a summary")
@@ -283,13 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = load_settings(args.config)
-    _setup_logging(args.log_level or settings.log_level)
     try:
+        settings = load_settings(args.config)
+        _setup_logging(args.log_level or settings.log_level)
         return args.func(settings, args)
-    except (ProcessError, ModelNotFound, FileNotFoundError) as exc:
-        # Set-up problems a user can fix: one clear line, no traceback.
-        Console(stderr=True).print(f"[red]error:[/] {exc}")
+    except SluiceError as exc:
+        # Something a user can fix: one clear line (the traceback only with --debug).
+        if args.debug:
+            raise
+        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
         return 2
 
 

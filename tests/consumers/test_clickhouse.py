@@ -7,18 +7,8 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from consumers.clickhouse import RESULT_COLUMNS, apply_migrations, connect, result_row
-from streams.config import ClickHouseSettings
-
-
-def _result(offset: int, label: str = "circle") -> dict:
-    return {
-        "trace_id": f"t{offset}", "device_id": "cam-1", "modality": "FRAME", "seq": offset,
-        "capture_time_us": 1_800_000_000_000_000 + offset, "source_topic": "frames", "source_partition": 0,
-        "source_offset": offset, "model_name": "frame_classifier", "model_version": 1,
-        "top_k": [{"label": label, "score": 0.9}, {"label": "triangle", "score": 0.1}], "ground_truth": "circle",
-        "latency": {"queue_ms": 1.0, "batch_wait_ms": 2.0, "decode_ms": 0.5, "inference_ms": 3.0, "batch_size": 4},
-        "worker_id": "w", "result_time_us": 1_800_000_000_100_000 + offset,
-    }  # fmt: skip
+from consumers.settings import ClickHouseSettings
+from tests.records import make_result
 
 
 @pytest.fixture
@@ -42,7 +32,7 @@ def test_migrations_are_recorded_and_not_reapplied(database: tuple[Client, str])
 
 def test_same_batch_with_same_token_is_inserted_once(database: tuple[Client, str]) -> None:
     client, name = database
-    rows = [result_row(_result(i)) for i in range(100)]
+    rows = [result_row(make_result(i)) for i in range(100)]
     for _ in range(2):  # a retry of an insert whose first attempt did land
         client.insert(f"{name}.inference_results", rows, column_names=RESULT_COLUMNS,
                       settings={"insert_deduplication_token": "frames:0:0-99"})  # fmt: skip
@@ -52,10 +42,10 @@ def test_same_batch_with_same_token_is_inserted_once(database: tuple[Client, str
 def test_rebatched_redelivery_is_collapsed_by_replacing_merge_tree(database: tuple[Client, str]) -> None:
     client, name = database
     table = f"{name}.inference_results"
-    client.insert(table, [result_row(_result(i)) for i in range(0, 60)], column_names=RESULT_COLUMNS,
+    client.insert(table, [result_row(make_result(i)) for i in range(0, 60)], column_names=RESULT_COLUMNS,
                   settings={"insert_deduplication_token": "a"})  # fmt: skip
     # After a crash the sink re-reads 40..99 and batches it differently: a different token.
-    client.insert(table, [result_row(_result(i)) for i in range(40, 100)], column_names=RESULT_COLUMNS,
+    client.insert(table, [result_row(make_result(i)) for i in range(40, 100)], column_names=RESULT_COLUMNS,
                   settings={"insert_deduplication_token": "b"})  # fmt: skip
     assert _count(client, f"SELECT count() FROM {table}") == 120, "both inserts landed"
     assert _count(client, f"SELECT count() FROM {table} FINAL") == 100
@@ -66,7 +56,7 @@ def test_rebatched_redelivery_is_collapsed_by_replacing_merge_tree(database: tup
 
 def test_rows_keep_what_analysts_query(database: tuple[Client, str]) -> None:
     client, name = database
-    client.insert(f"{name}.inference_results", [result_row(_result(7, label="square"))], column_names=RESULT_COLUMNS)
+    client.insert(f"{name}.inference_results", [result_row(make_result(7, label="square"))], column_names=RESULT_COLUMNS)
     row = client.query(
         f"SELECT label, score, top_labels, ground_truth, toUnixTimestamp64Micro(capture_time), batch_size "
         f"FROM {name}.inference_results"

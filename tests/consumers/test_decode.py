@@ -6,10 +6,11 @@ from PIL import Image
 
 from consumers.decode import AudioDecoder, FrameDecoder, InvalidInput
 from engines.repository import ModelRepository
-from schemas.codec import AUDIO_CHUNK, FRAME_CHUNK, Codec
-from streams.config import SluiceSettings
+from engines.settings import EngineSettings
+from schemas.codec import Codec
+from schemas.records import AudioChunk, FrameChunk
 
-REPOSITORY = ModelRepository(SluiceSettings().engine.model_repository)
+REPOSITORY = ModelRepository(EngineSettings().model_repository)
 
 
 @pytest.fixture(scope="module")
@@ -18,26 +19,28 @@ def codec() -> Codec:
 
 
 def _frame(codec: Codec, **overrides: object) -> bytes:
-    record = {
-        "device_id": "cam", "trace_id": "t", "seq": 0, "capture_time_us": 0, "encoding": "RAW",
-        "height": 224, "width": 224, "channels": 3, "dtype": "uint8", "data": bytes(224 * 224 * 3), "label": None,
-    }  # fmt: skip
-    return codec.encode(FRAME_CHUNK, {**record, **overrides})
+    record = FrameChunk(
+        device_id="cam", trace_id="t", seq=0, capture_time_us=0, encoding="RAW",
+        height=224, width=224, channels=3, dtype="uint8", data=bytes(224 * 224 * 3),
+    )  # fmt: skip
+    for name, value in overrides.items():
+        setattr(record, name, value)
+    return codec.write(record)
 
 
 def _audio(codec: Codec, pcm: np.ndarray | bytes, sample_rate: int = 16_000, channels: int = 1) -> bytes:
     data = pcm if isinstance(pcm, bytes) else pcm.astype("<i2").tobytes()
-    record = {
-        "device_id": "mic", "trace_id": "t", "seq": 0, "capture_time_us": 0, "encoding": "PCM_S16LE",
-        "sample_rate": sample_rate, "channels": channels, "data": data, "label": None,
-    }  # fmt: skip
-    return codec.encode(AUDIO_CHUNK, record)
+    record = AudioChunk(
+        device_id="mic", trace_id="t", seq=0, capture_time_us=0, encoding="PCM_S16LE",
+        sample_rate=sample_rate, channels=channels, data=data,
+    )  # fmt: skip
+    return codec.write(record)
 
 
 def test_raw_frame_decodes_to_the_model_input(codec: Codec) -> None:
     decoded = FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(_frame(codec))
     assert decoded.item.shape == (224, 224, 3) and decoded.item.dtype == np.uint8
-    assert "data" not in decoded.record
+    assert decoded.record.data == b"", "the payload is not kept beside the decoded item"
 
 
 def test_jpeg_and_other_resolutions_are_served(codec: Codec) -> None:

@@ -9,28 +9,19 @@ import uuid
 from collections.abc import Callable
 
 import pytest
-from aiokafka import AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers.clickhouse import connect
-from consumers.kafka import make_consumer
+from consumers.kafka import make_consumer, make_producer
 from consumers.metrics import SinkMetrics
 from consumers.sink import ClickHouseSink
-from schemas.codec import INFERENCE_RESULT, Codec
-from streams.config import SluiceSettings
+from schemas.codec import Codec
+from schemas.records import DeadLetter
+from streams.settings import SluiceSettings
+from tests.records import make_result
 
 N = 300
-
-
-def _result(i: int) -> dict:
-    return {
-        "trace_id": f"t{i}", "device_id": f"cam-{i % 3}", "modality": "FRAME", "seq": i,
-        "capture_time_us": 1_800_000_000_000_000 + i, "source_topic": "frames", "source_partition": i % 2,
-        "source_offset": i, "model_name": "frame_classifier", "model_version": 1,
-        "top_k": [{"label": "circle", "score": 0.9}], "ground_truth": "circle",
-        "latency": {"queue_ms": 1.0, "batch_wait_ms": 1.0, "decode_ms": 0.1, "inference_ms": 1.0, "batch_size": 1},
-        "worker_id": "w", "result_time_us": 1_800_000_000_100_000 + i,
-    }  # fmt: skip
 
 
 @pytest.fixture
@@ -42,11 +33,12 @@ def sink_settings(settings: SluiceSettings, chdb_dsn: str) -> SluiceSettings:
 
 async def _produce_results(settings: SluiceSettings, garbage: bool = False) -> None:
     codec = Codec()
-    producer = AIOKafkaProducer(**settings.kafka.producer_options())
+    producer = make_producer(settings.kafka, "test")
     await producer.start()
     try:
         for i in range(N):
-            await producer.send(settings.kafka.topics.results, codec.encode(INFERENCE_RESULT, _result(i)), key=b"k")
+            result = make_result(i, device_id=f"cam-{i % 3}", partition=i % 2)
+            await producer.send(settings.kafka.topics.results, codec.write(result), key=b"k")
         if garbage:
             await producer.send(settings.kafka.topics.results, b"\x00\x00\x00\x00\x07not a result", key=b"k")
     finally:
@@ -58,7 +50,7 @@ async def _run_sink(
     during: Callable[[CollectorRegistry], None] | None = None, timeout_s: float = 60,
 ) -> CollectorRegistry:
     registry = CollectorRegistry()
-    sink = sink_class(settings, SinkMetrics(registry))
+    sink = sink_class(settings.kafka, settings.sink, settings.clickhouse, SinkMetrics(registry))
     stopping = asyncio.Event()
     task = asyncio.create_task(sink.run(stopping))
     deadline = time.monotonic() + timeout_s
@@ -86,7 +78,7 @@ def _count(settings: SluiceSettings, final: bool = False) -> int:
 
 
 async def _committed(settings: SluiceSettings) -> int:
-    consumer = make_consumer(settings.kafka, settings.sink.group_id, client_id="test-committed")
+    consumer = make_consumer(settings.kafka, settings.sink.group_id, role="test-committed")
     await consumer.start()
     try:
         total = 0
@@ -100,8 +92,13 @@ async def _committed(settings: SluiceSettings) -> int:
 class CrashesBeforeCommit(ClickHouseSink):
     """Inserts, then 'crashes' before committing: its commits never happen."""
 
-    async def _commit(self, offsets: dict) -> None:
-        return None
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+
+        async def never() -> bool:
+            return False
+
+        self.checkpoint.commit = never  # type: ignore[method-assign]
 
     async def _final_flush(self) -> None:
         return None
@@ -153,7 +150,7 @@ async def test_a_message_that_is_not_a_result_is_dead_lettered_and_committed(sin
     await _run_sink(sink_settings, lambda r: _rows(r) >= N)
     assert _count(sink_settings, final=True) == N
     assert await _committed(sink_settings) == N + 1, "the garbage message's offset is committed too"
-    consumer = make_consumer(sink_settings.kafka, None, client_id="test-dlq")
+    consumer = make_consumer(sink_settings.kafka, None, role="test-dlq")
     await consumer.start()
     try:
         tps = [TopicPartition(sink_settings.kafka.topics.dead_letters, p) for p in range(2)]
@@ -162,5 +159,5 @@ async def test_a_message_that_is_not_a_result_is_dead_lettered_and_committed(sin
         letters = [m for batch in (await consumer.getmany(timeout_ms=2000)).values() for m in batch]
     finally:
         await consumer.stop()
-    (letter,) = [Codec().decode(m.value)[1] for m in letters]
-    assert letter["component"] == "sink" and "unknown schema id" in letter["reason"]
+    (letter,) = [Codec().read(m.value, DeadLetter) for m in letters]
+    assert letter.component == "sink" and "unknown schema id" in letter.reason

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from consumers.worker import WorkerFailed, load_engines, run_worker
-from engines import Engine, EngineError
-from producers.simulator import client_for
-from producers.synth import CameraScene
-from streams.config import SluiceSettings
-from streams.observer import Observed, OutputObserver, source
+from consumers.worker import WorkerFailed, run_worker
+from engines import Engine, EngineError, load_engines
+from streams.local.harness import publish_frames
+from streams.local.observer import Observed, OutputObserver
+from streams.settings import SluiceSettings
 
 
 class ScriptedEngine(Engine):
@@ -49,17 +48,8 @@ class ScriptedEngine(Engine):
         self._inner.close()
 
 
-async def _publish_frames(settings: SluiceSettings, count: int, poison_at: set[int] = frozenset()) -> set:
-    scene = CameraScene(np.random.default_rng(11))
-    async with client_for(settings.kafka, "test") as client:
-        deliveries = []
-        for i in range(count):
-            frame, label = scene.next_frame()
-            if i in poison_at:
-                frame = np.full_like(frame, 255)
-            deliveries.append(await client.publish_frame(f"cam-{i % 4}", frame, label=label))
-        metadata = await asyncio.gather(*deliveries)
-    return {(m.topic, m.partition, m.offset) for m in metadata}
+async def _publish_frames(settings: SluiceSettings, count: int, poison_at: frozenset[int] = frozenset()) -> set:
+    return await publish_frames(settings, count, seed=11, cameras=4, poison_at=poison_at)
 
 
 async def _run(
@@ -71,7 +61,7 @@ async def _run(
     joined = asyncio.Event()
     observer = OutputObserver(settings)
     await observer.start()
-    worker = asyncio.create_task(run_worker(settings, ["frame"], stopping, joined.set, {"frame": engine}, registry))
+    worker = asyncio.create_task(run_worker(settings.kafka, settings.worker, {"frame": engine}, stopping, joined.set, registry))
     try:
         await asyncio.wait([worker, asyncio.create_task(joined.wait())], return_when=asyncio.FIRST_COMPLETED)
         published = await publish()
@@ -93,7 +83,7 @@ async def test_engine_calls_longer_than_max_poll_interval_keep_the_group(setting
     """aiokafka #848: a consumer that stops polling for max_poll_interval_ms is thrown out of its
     group and its commits fail, so the same messages come back. Polling runs apart from the engine."""
     settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"max_poll_interval_ms": 2_000})})
-    engine = ScriptedEngine(load_engines(settings, ["frame"])["frame"], lambda call, _: 3.0 if call <= 2 else None)
+    engine = ScriptedEngine(load_engines(settings.engine, ["frame"])["frame"], lambda call, _: 3.0 if call <= 2 else None)
     published: set = set()
 
     async def publish() -> set:
@@ -109,7 +99,7 @@ async def test_engine_calls_longer_than_max_poll_interval_keep_the_group(setting
 
 async def test_in_flight_work_stays_within_the_budget(settings: SluiceSettings) -> None:
     settings = _fast(settings, max_inflight_messages=8, max_batch_size=4)
-    engine = ScriptedEngine(load_engines(settings, ["frame"])["frame"], lambda call, _: 0.15)
+    engine = ScriptedEngine(load_engines(settings.engine, ["frame"])["frame"], lambda call, _: 0.15)
     registry = CollectorRegistry()
     samples: list[tuple[float, float]] = []
     published: set = set()
@@ -141,11 +131,11 @@ async def test_a_poison_input_is_isolated_and_dead_lettered(settings: SluiceSett
     def poison(_: int, batch: np.ndarray) -> Exception | None:
         return EngineError("kernel fault") if (batch.reshape(len(batch), -1).min(axis=1) == 255).any() else None
 
-    engine = ScriptedEngine(load_engines(settings, ["frame"])["frame"], poison)
+    engine = ScriptedEngine(load_engines(settings.engine, ["frame"])["frame"], poison)
     published: set = set()
 
     async def publish() -> set:
-        published.update(await _publish_frames(settings, 20, poison_at={7}))
+        published.update(await _publish_frames(settings, 20, poison_at=frozenset({7})))
         return published
 
     observed, _ = await _run(
@@ -153,20 +143,20 @@ async def test_a_poison_input_is_isolated_and_dead_lettered(settings: SluiceSett
     )
     assert len(observed.unique_sources()) == 19
     (letter,) = observed.dead_letters
-    assert letter["stage"] == "infer" and "fails on this input alone" in letter["reason"]
-    assert source(letter) in published
+    assert letter.stage == "infer" and "fails on this input alone" in letter.reason
+    assert letter.source in published
 
 
 async def test_a_broken_engine_stops_the_worker_without_committing(settings: SluiceSettings) -> None:
     """Failing every input is not the inputs' fault: nothing is dead-lettered, nothing committed,
     and a healthy worker started next processes everything."""
-    broken = ScriptedEngine(load_engines(settings, ["frame"])["frame"], lambda *_: EngineError("device lost"))
+    broken = ScriptedEngine(load_engines(settings.engine, ["frame"])["frame"], lambda *_: EngineError("device lost"))
     published = await _publish_frames(settings, 12)
     stopping = asyncio.Event()
     with pytest.raises(WorkerFailed, match="blank input"):
-        await asyncio.wait_for(run_worker(settings, ["frame"], stopping, engines={"frame": broken}), 60)
+        await asyncio.wait_for(run_worker(settings.kafka, settings.worker, {"frame": broken}, stopping), 60)
 
-    healthy = load_engines(settings, ["frame"])["frame"]
+    healthy = load_engines(settings.engine, ["frame"])["frame"]
 
     async def nothing() -> set:
         return published

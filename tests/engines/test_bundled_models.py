@@ -4,16 +4,14 @@ loaded exactly as a worker loads them: `ModelRepository` + `OnnxRuntimeEngine`, 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.repository import ModelRepository
+from engines.settings import BUNDLED_MODELS as MODELS
 from producers import synth
-
-MODELS = Path(__file__).resolve().parents[2] / "engines" / "models"
 # Not a seed the training script uses (it derives its streams from SeedSequence((seed, stream, ...))).
 FRESH_SEED = 20_240_917
 SAMPLES = 400

@@ -14,17 +14,15 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
-from aiokafka import AIOKafkaProducer
 
-from producers.simulator import client_for
-from producers.synth import CameraScene, MicrophoneScene
-from schemas.codec import FRAME_CHUNK, Codec
-from streams import processes
-from streams.config import SluiceSettings, settings_env
-from streams.observer import Observed, OutputObserver, source
-from tests.conftest import Components, scoped
+from consumers.kafka import make_producer
+from schemas.codec import Codec
+from schemas.records import FrameChunk, Source
+from streams.local import processes
+from streams.local.harness import Components, publish_audio, publish_frames, scoped
+from streams.local.observer import Observed, OutputObserver
+from streams.settings import SluiceSettings, settings_env
 
 K = 200
 RULES = """
@@ -40,8 +38,8 @@ cooldown_s = 600
 @dataclass
 class PipelineRun:
     settings: SluiceSettings
-    valid_sources: set[tuple[str, int, int]]
-    malformed: dict[str, tuple[str, int, int]]  # why it is malformed -> its coordinates
+    valid_sources: set[Source]
+    malformed: dict[str, Source]  # why it is malformed -> its coordinates
     observed: Observed
     clickhouse: dict[str, int]
     sink_stopped_gracefully: bool
@@ -49,31 +47,20 @@ class PipelineRun:
 
 async def _publish(settings: SluiceSettings) -> tuple[set, dict]:
     kafka = settings.kafka
-    rng = np.random.default_rng(2024)
-    cameras = [CameraScene(np.random.default_rng(rng.integers(2**63))) for _ in range(4)]
-    microphones = [MicrophoneScene(np.random.default_rng(rng.integers(2**63))) for _ in range(4)]
-    deliveries = []
-    async with client_for(kafka, "test") as client:
-        for i in range(K):
-            frame, label = cameras[i % 4].next_frame()
-            deliveries.append(await client.publish_frame(f"cam-{i % 4}", frame, label=label))
-            chunk, label = microphones[i % 4].next_chunk()
-            deliveries.append(await client.publish_audio(f"mic-{i % 4}", chunk, 16_000, label=label))
-        metadata = await asyncio.gather(*deliveries)
-    valid = {(m.topic, m.partition, m.offset) for m in metadata}
+    # Seed 2028: the four cameras show every class, circles included (the rule under test needs them).
+    valid = await publish_frames(settings, K, seed=2028, cameras=4) | await publish_audio(settings, K, seed=2028)
 
-    codec = Codec()
-    wrong_shape = codec.encode(FRAME_CHUNK, {
-        "device_id": "cam-bad", "trace_id": "t-bad", "seq": 0, "capture_time_us": 0, "encoding": "RAW",
-        "height": 224, "width": 224, "channels": 3, "dtype": "uint8", "data": b"\x00" * 1000, "label": None,
-    })  # fmt: skip
-    producer = AIOKafkaProducer(**kafka.producer_options())
+    wrong_shape = Codec().write(FrameChunk(
+        device_id="cam-bad", trace_id="t-bad", seq=0, capture_time_us=0, encoding="RAW",
+        height=224, width=224, channels=3, dtype="uint8", data=b"\x00" * 1000,
+    ))  # fmt: skip
+    producer = make_producer(kafka, "test")
     await producer.start()
     try:
         malformed = {}
         for why, value in (("not avro", b"this is not an avro record"), ("wrong shape", wrong_shape)):
             m = await producer.send_and_wait(kafka.topics.frames, value, key=b"cam-bad")
-            malformed[why] = (m.topic, m.partition, m.offset)
+            malformed[why] = Source(m.topic, m.partition, m.offset)
     finally:
         await producer.stop()
     return valid, malformed
@@ -140,11 +127,11 @@ def test_every_input_yields_exactly_one_distinct_result(run: PipelineRun) -> Non
 
 def test_results_carry_model_trace_and_latency(run: PipelineRun) -> None:
     result = run.observed.results[0]
-    assert result["model_name"] in ("frame_classifier", "audio_classifier") and result["model_version"] >= 1
-    assert len(result["top_k"]) == 3 and result["top_k"][0]["score"] >= result["top_k"][1]["score"]
-    assert len(result["trace_id"]) == 32
-    assert result["latency"]["batch_size"] >= 1 and result["latency"]["inference_ms"] > 0
-    assert result["result_time_us"] > result["capture_time_us"]
+    assert result.model_name in ("frame_classifier", "audio_classifier") and result.model_version >= 1
+    assert len(result.top_k) == 3 and result.top_k[0].score >= result.top_k[1].score
+    assert len(result.trace_id) == 32
+    assert result.latency.batch_size >= 1 and result.latency.inference_ms > 0
+    assert result.result_time_us > result.capture_time_us
 
 
 def test_accuracy_at_least_95_percent(run: PipelineRun) -> None:
@@ -153,24 +140,24 @@ def test_accuracy_at_least_95_percent(run: PipelineRun) -> None:
 
 
 def test_malformed_inputs_go_to_the_dead_letter_topic_with_a_reason(run: PipelineRun) -> None:
-    letters = {source(d): d for d in run.observed.dead_letters}
+    letters = {d.source: d for d in run.observed.dead_letters}
     assert len(letters) == len(run.malformed)
     not_avro = letters[run.malformed["not avro"]]
-    assert not_avro["stage"] == "decode" and "magic byte" in not_avro["reason"]
-    assert not_avro["value"] == b"this is not an avro record", "the original bytes travel for replay"
+    assert not_avro.stage == "decode" and "magic byte" in not_avro.reason
+    assert not_avro.value == b"this is not an avro record", "the original bytes travel for replay"
     wrong_shape = letters[run.malformed["wrong shape"]]
-    assert wrong_shape["stage"] == "validate" and "wrong shape" in wrong_shape["reason"]
-    assert wrong_shape["component"].startswith("worker-frame@")
+    assert wrong_shape.stage == "validate" and "wrong shape" in wrong_shape.reason
+    assert wrong_shape.component.startswith("worker-frame@")
 
 
 def test_rule_produces_alerts_once_per_device_within_the_cooldown(run: PipelineRun) -> None:
-    circles = {r["device_id"] for r in run.observed.results if r["top_k"][0]["label"] == "circle"
-               and r["top_k"][0]["score"] >= 0.5}  # fmt: skip
+    circles = {r.device_id for r in run.observed.results if r.top_k[0].label == "circle"
+               and r.top_k[0].score >= 0.5}  # fmt: skip
     assert circles, "the scenes should show circles"
     alerts = run.observed.alerts
-    assert {a["device_id"] for a in alerts} == circles
+    assert {a.device_id for a in alerts} == circles
     assert len(alerts) == len(circles), "a 600 s cooldown allows one alert per device"
-    assert all(a["rule"] == "circle-seen" and a["label"] == "circle" for a in alerts)
+    assert all(a.rule == "circle-seen" and a.label == "circle" for a in alerts)
 
 
 def test_clickhouse_holds_one_row_per_input(run: PipelineRun) -> None:

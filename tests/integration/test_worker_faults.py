@@ -6,29 +6,19 @@ from __future__ import annotations
 
 import asyncio
 
-import numpy as np
 import pytest
 
-from producers.simulator import client_for
-from producers.synth import CameraScene
-from streams import processes
-from streams.config import SluiceSettings
-from streams.observer import OutputObserver
-from tests.conftest import Components
+from streams.local import processes
+from streams.local.harness import Components, publish_frames
+from streams.local.observer import OutputObserver
+from streams.settings import SluiceSettings
 
 pytestmark = pytest.mark.slow
 
 
-async def _publish(settings: SluiceSettings, count: int, seed: int) -> set[tuple[str, int, int]]:
-    scenes = [CameraScene(np.random.default_rng(seed + i)) for i in range(8)]
-    async with client_for(settings.kafka, "test") as client:
-        deliveries = []
-        for i in range(count):
-            frame, label = scenes[i % 8].next_frame()
-            deliveries.append(await client.publish_frame(f"cam-{i % 8}", frame, label=label))
-            if i % 40 == 39:
-                await asyncio.sleep(0.2)  # a stream, not one burst: the kill lands mid-flow
-        return {(m.topic, m.partition, m.offset) for m in await asyncio.gather(*deliveries)}
+async def _publish(settings: SluiceSettings, count: int, seed: int) -> set:
+    # A stream, not one burst: the kill lands mid-flow.
+    return await publish_frames(settings, count, seed=seed, pause_every=40)
 
 
 def test_rebalance_and_kill_lose_nothing(settings: SluiceSettings, components: Components) -> None:

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
-from consumers.kafka import make_consumer
+from consumers.kafka import device_client, make_consumer
 from producers.sdk import DeviceClient, PublishError
-from producers.simulator import client_for, run_fleet
+from producers.simulator import run_fleet
 from producers.synth import AUDIO_LABELS, FRAME_LABELS, CameraScene, MicrophoneScene, audio_dataset, frame_dataset
 from schemas.codec import AUDIO_CHUNK, FRAME_CHUNK, Codec
-from streams.config import SluiceSettings
+from streams.settings import SluiceSettings
 
 
 async def _read_all(settings: SluiceSettings, topic: str, partitions: int) -> list:
-    consumer = make_consumer(settings.kafka, None, client_id="test-reader")
+    consumer = make_consumer(settings.kafka, None, role="test-reader")
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -48,7 +48,7 @@ def test_drift_darkens_frames_and_adds_noise_to_audio() -> None:
 
 
 async def test_sdk_rejects_unusable_input_before_sending(settings: SluiceSettings) -> None:
-    async with client_for(settings.kafka, "test") as client:
+    async with device_client(settings.kafka, "test") as client:
         with pytest.raises(ValueError, match="uint8"):
             await client.publish_frame("cam", np.zeros((4, 4, 3), dtype=np.float32))
         with pytest.raises(ValueError, match="int16"):
@@ -63,7 +63,7 @@ async def test_sdk_fails_clearly_without_a_broker() -> None:
 
 async def test_simulator_publishes_counts_with_ground_truth_keyed_by_device(settings: SluiceSettings) -> None:
     sim = settings.simulator.model_copy(update={"cameras": 3, "microphones": 2, "frame_encoding": "jpeg"})
-    async with client_for(settings.kafka, "test") as client:
+    async with device_client(settings.kafka, "test") as client:
         report = await run_fleet(client, sim, frames_per_camera=5, chunks_per_microphone=4, realtime=False)
     assert (report.frames_published, report.audio_published, report.failed) == (15, 8, 0)
     assert sum(report.labels.values()) == 23
@@ -83,7 +83,7 @@ async def test_simulator_publishes_counts_with_ground_truth_keyed_by_device(sett
 
 async def test_simulator_paces_devices_at_their_rate(settings: SluiceSettings) -> None:
     sim = settings.simulator.model_copy(update={"cameras": 2, "camera_fps": 20.0, "microphones": 0})
-    async with client_for(settings.kafka, "test") as client:
+    async with device_client(settings.kafka, "test") as client:
         started = asyncio.get_running_loop().time()
         report = await run_fleet(client, sim, seconds=1.0)
         elapsed = asyncio.get_running_loop().time() - started

@@ -14,19 +14,31 @@ from __future__ import annotations
 import importlib.util
 import ipaddress
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import redis
+from pydantic import BaseModel
 
-from streams import processes
-from streams.config import SluiceSettings, settings_env
-from streams.processes import ManagedProcess, ProcessError
+from streams.local import processes
+from streams.local.processes import ManagedProcess, ProcessError
+
+if TYPE_CHECKING:
+    from streams.settings import SluiceSettings
 
 KAFKA = "kafka"
 REDIS = "redis"
+
+
+class StackSettings(BaseModel):
+    """The local stack: where its PID files, logs and data live, and how Tansu stores data.
+    Ports come from kafka.bootstrap_servers and redis.url, which must be loopback."""
+
+    run_dir: Path = Path(__file__).resolve().parents[2] / ".sluice" / "run"
+    kafka_storage: str = "memory://tansu/"
+    ready_timeout_s: float = 20.0
 
 
 def _package_file(package: str, *parts: str, extra: str) -> Path:
@@ -155,39 +167,3 @@ class LocalStack:
             rows.append(ServiceStatus(name, running, process.pid if running and process else None, endpoint))
         rows.append(ServiceStatus("clickhouse", True, None, f"{self.settings.clickhouse.dsn} (embedded in the sink)"))
         return rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def isolated_settings(settings: SluiceSettings, base: Path) -> SluiceSettings:
-    """The same settings on free loopback ports, with run files and ClickHouse data under `base`."""
-    return settings.model_copy(
-        update={
-            "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
-            "redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"}),
-            "stack": settings.stack.model_copy(update={"run_dir": base / "run"}),
-            "clickhouse": settings.clickhouse.model_copy(update={"dsn": f"chdb://{(base / 'clickhouse').as_posix()}"}),
-        }
-    )
-
-
-def start_component(settings: SluiceSettings, name: str, args: list[str]) -> tuple[ManagedProcess, Path]:
-    """Start `sluice <args> --ready-file F` as its own process with these settings; return it and F."""
-    ready = settings.stack.run_dir / f"{name}.ready"
-    ready.unlink(missing_ok=True)
-    return start_sluice(settings, name, [*args, "--ready-file", str(ready)]), ready
-
-
-def start_sluice(settings: SluiceSettings, name: str, args: list[str]) -> ManagedProcess:
-    """Start `sluice <args>` as its own process, seeing exactly these settings."""
-    argv = [sys.executable, "-m", "streams.cli", *args]
-    return processes.start(name, argv, settings.stack.run_dir, env=settings_env(settings))
-
-
-def wait_components_ready(started: list[tuple[ManagedProcess, Path]], timeout_s: float) -> None:
-    for process, ready in started:
-        processes.wait_ready(process, ready.exists, timeout_s)

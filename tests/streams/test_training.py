@@ -15,7 +15,7 @@ pytest.importorskip("onnxscript")
 
 from engines.onnxruntime import OnnxRuntimeEngine
 from engines.repository import ModelRepository
-from engines.training import train
+from streams.training import train
 
 
 @pytest.mark.parametrize(

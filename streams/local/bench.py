@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,23 +23,26 @@ from rich.console import Console
 from rich.table import Table
 
 from consumers.kafka import ensure_topics
-from consumers.worker import load_engines
-from producers.simulator import client_for
+from engines import load_engines
 from producers.synth import CameraScene, MicrophoneScene
-from streams import processes
-from streams.config import SluiceSettings
-from streams.observer import OutputObserver
-from streams.stack import LocalStack, isolated_settings, start_component, wait_components_ready
+from schemas.topics import AUDIO, FRAME, MODALITY_NAMES
+from streams.local.harness import Components, isolated_settings, publish_frames
+from streams.local.observer import OutputObserver
+from streams.local.stack import LocalStack
+from streams.settings import SluiceSettings
+
+# One synthetic model input per modality, drawn from the simulator's scenes.
+_SAMPLE: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
+    FRAME.name: lambda rng: CameraScene(rng).next_frame()[0],
+    AUDIO.name: lambda rng: MicrophoneScene(rng).next_chunk()[0],
+}
 
 
 def bench_engines(settings: SluiceSettings, batch_sizes: tuple[int, ...], seconds: float) -> list[dict[str, Any]]:
     rows = []
-    engines = load_engines(settings, ["frame", "audio"])
+    engines = load_engines(settings.engine, MODALITY_NAMES)
     rng = np.random.default_rng(0)
-    samples = {
-        "frame": np.stack([CameraScene(rng).next_frame()[0] for _ in range(max(batch_sizes))]),
-        "audio": np.stack([MicrophoneScene(rng).next_chunk()[0] for _ in range(max(batch_sizes))]),
-    }
+    samples = {name: np.stack([_SAMPLE[name](rng) for _ in range(max(batch_sizes))]) for name in engines}
     for modality, engine in engines.items():
         engine.warmup(max(batch_sizes))
         base = None
@@ -56,13 +60,6 @@ def bench_engines(settings: SluiceSettings, batch_sizes: tuple[int, ...], second
     return rows
 
 
-async def _publish_backlog(settings: SluiceSettings, messages: int) -> None:
-    scenes = [CameraScene(np.random.default_rng(i)) for i in range(8)]
-    async with client_for(settings.kafka, "bench") as client:
-        deliveries = [await client.publish_frame(f"cam-{i % 8}", scenes[i % 8].next_frame()[0]) for i in range(messages)]
-        await asyncio.gather(*deliveries)
-
-
 async def _drain_rate(settings: SluiceSettings, messages: int) -> dict[str, Any]:
     observer = OutputObserver(settings)
     await observer.start()
@@ -72,9 +69,9 @@ async def _drain_rate(settings: SluiceSettings, messages: int) -> dict[str, Any]
         results = observer.observed.results
     finally:
         await observer.stop()
-    stamps = sorted(r["result_time_us"] for r in results)
+    stamps = sorted(r.result_time_us for r in results)
     window_s = (stamps[-1] - stamps[0]) / 1e6
-    sizes = [r["latency"]["batch_size"] for r in results]
+    sizes = [r.latency.batch_size for r in results]
     return {"items_per_s": round(len(results) / window_s, 1) if window_s > 0 else float("inf"),
             "mean_batch_size": round(float(np.mean(sizes)), 1)}  # fmt: skip
 
@@ -90,19 +87,18 @@ def bench_pipeline(settings: SluiceSettings, messages: int) -> list[dict[str, An
         stack.up()
         for label, batch_size in (("batching off", 1), ("batching on", settings.worker.max_batch_size)):
             tag = f"bench{batch_size}"
-            topics = settings.kafka.topics.model_copy(update={"frames": f"{tag}.frames", "results": f"{tag}.results"})
             variant = settings.model_copy(update={
-                "kafka": settings.kafka.model_copy(update={"topics": topics}),
+                "kafka": settings.kafka.model_copy(update={"topics": settings.kafka.topics.prefixed(tag)}),
                 "worker": settings.worker.model_copy(update={"max_batch_size": batch_size, "group_prefix": tag}),
             })  # fmt: skip
             asyncio.run(ensure_topics(variant.kafka))
-            asyncio.run(_publish_backlog(variant, messages))
-            process, ready = start_component(variant, f"worker-{tag}", ["worker", "--modality", "frame"])
+            asyncio.run(publish_frames(variant, messages))
+            worker = Components(variant)
             try:
-                wait_components_ready([(process, ready)], timeout_s=120)
+                worker.start(f"worker-{tag}", ["worker", "--modality", FRAME.name], timeout_s=120)
                 measured = asyncio.run(_drain_rate(variant, messages))
             finally:
-                processes.stop(process)
+                worker.stop_all()
             rows.append({"variant": label, "max_batch_size": batch_size, **measured})
         for row in rows:
             row["vs_batching_off"] = round(row["items_per_s"] / rows[0]["items_per_s"], 2)

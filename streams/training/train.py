@@ -346,16 +346,6 @@ def train_model(kind: str, train_samples: int, epochs: int, seed: int, workers: 
     return model.eval()
 
 
-def train_frame_model(train_samples: int, epochs: int, seed: int, workers: int = 1) -> Classifier:
-    """The frame classifier, untested and unexported: pass it to `export`, or use `build` for the whole run."""
-    return train_model("frame", train_samples, epochs, seed, workers)
-
-
-def train_audio_model(train_samples: int, epochs: int, seed: int, workers: int = 1) -> Classifier:
-    """The audio classifier, untested and unexported: pass it to `export`, or use `build` for the whole run."""
-    return train_model("audio", train_samples, epochs, seed, workers)
-
-
 def export(model: Classifier, kind: str, path: Path) -> None:
     """Write `model` as one self-contained ONNX file with a dynamic batch axis, and check it.
 
@@ -512,7 +502,7 @@ def main(argv: list[str] | None = None) -> None:
         # Recorded fully resolved, so it reproduces this model even after the defaults change.
         command = shlex.join(
             [
-                "python", "-m", "engines.training.train", "--model", kind, "--out", str(args.out),
+                "python", "-m", "streams.training.train", "--model", kind, "--out", str(args.out),
                 "--train-samples", str(train_samples), "--epochs", str(epochs), "--seed", str(args.seed),
                 "--eval-samples", str(args.eval_samples), "--threads", str(args.threads),
             ]

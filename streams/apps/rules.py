@@ -9,14 +9,16 @@ set" and "alert produced" loses nothing, and consumers deduplicate on alert_id.
 
 from __future__ import annotations
 
-import hashlib
-import time
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
+
+from schemas.errors import ConfigError
+from schemas.records import Alert, InferenceResult, alert_for
+from schemas.topics import MODALITY_NAMES, modality
 
 
 class Rule(BaseModel):
@@ -24,19 +26,22 @@ class Rule(BaseModel):
     labels: set[str]
     min_score: float = Field(ge=0.0, le=1.0)
     cooldown_s: float = Field(gt=0.0)
-    modality: Literal["frame", "audio"] | None = None
+    modality: Literal[MODALITY_NAMES] | None = None  # type: ignore[valid-type]
     devices: set[str] | None = None
 
-    def match(self, result: dict[str, Any]) -> tuple[str, float] | None:
+    def match(self, result: InferenceResult) -> tuple[str, float] | None:
         """The (label, score) this rule fires on, or None."""
-        if self.modality is not None and result["modality"] != self.modality.upper():
+        if self.modality is not None and result.modality != modality(self.modality).symbol:
             return None
-        if self.devices is not None and result["device_id"] not in self.devices:
+        if self.devices is not None and result.device_id not in self.devices:
             return None
-        for entry in result["top_k"]:
-            if entry["label"] in self.labels and entry["score"] >= self.min_score:
-                return entry["label"], entry["score"]
+        for entry in result.top_k:
+            if entry.label in self.labels and entry.score >= self.min_score:
+                return entry.label, entry.score
         return None
+
+    def alert(self, result: InferenceResult, label: str, score: float) -> Alert:
+        return alert_for(self.name, self.cooldown_s, result, label, score)
 
 
 class RuleSet(BaseModel):
@@ -44,31 +49,13 @@ class RuleSet(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> RuleSet:
-        with open(path, "rb") as f:
-            return cls.model_validate(tomllib.load(f))
-
-
-def alert_id(rule: Rule, result: dict[str, Any]) -> str:
-    source = f"{rule.name}|{result['source_topic']}|{result['source_partition']}|{result['source_offset']}"
-    return hashlib.sha256(source.encode()).hexdigest()[:32]
-
-
-def build_alert(rule: Rule, result: dict[str, Any], label: str, score: float) -> dict[str, Any]:
-    return {
-        "alert_id": alert_id(rule, result),
-        "rule": rule.name,
-        "device_id": result["device_id"],
-        "modality": result["modality"],
-        "label": label,
-        "score": score,
-        "trace_id": result["trace_id"],
-        "capture_time_us": result["capture_time_us"],
-        "source_topic": result["source_topic"],
-        "source_partition": result["source_partition"],
-        "source_offset": result["source_offset"],
-        "cooldown_s": rule.cooldown_s,
-        "alert_time_us": time.time_ns() // 1000,
-    }
+        try:
+            with open(path, "rb") as f:
+                return cls.model_validate(tomllib.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"rules file {path} does not exist (SLUICE_NOTIFIER__RULES_PATH)") from None
+        except (tomllib.TOMLDecodeError, ValidationError) as exc:
+            raise ConfigError(f"rules file {path} is invalid: {exc}") from exc
 
 
 # Open the cooldown if it is closed; report open-by-us (same alert id) as acquired too.

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.config import SluiceSettings, load_settings, settings_env
+from streams.settings import SluiceSettings, load_settings, settings_env
 
 
 def test_environment_overrides_nested_knobs(monkeypatch: pytest.MonkeyPatch) -> None:

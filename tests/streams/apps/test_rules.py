@@ -5,16 +5,15 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from streams.config import SluiceSettings
-from streams.rules import CooldownStore, Rule, RuleSet, alert_id, build_alert
+from schemas.records import InferenceResult, alert_id
+from streams.apps.rules import CooldownStore, Rule, RuleSet
+from streams.apps.settings import NotifierSettings
+from streams.settings import SluiceSettings
+from tests.records import make_result
 
 
-def _result(label: str, score: float, modality: str = "FRAME", offset: int = 0, device: str = "cam-1") -> dict:
-    return {
-        "device_id": device, "modality": modality, "trace_id": "t", "capture_time_us": 1,
-        "source_topic": "frames", "source_partition": 0, "source_offset": offset,
-        "top_k": [{"label": label, "score": score}, {"label": "other", "score": 1 - score}],
-    }  # fmt: skip
+def _result(label: str, score: float, modality: str = "FRAME", offset: int = 0, device: str = "cam-1") -> InferenceResult:
+    return make_result(offset, label=label, score=score, runner_up="other", modality=modality, device_id=device)
 
 
 RULE = Rule(name="tri", labels={"triangle"}, min_score=0.9, cooldown_s=0.5, modality="frame")
@@ -30,7 +29,7 @@ def test_rule_matches_label_in_set_at_or_above_the_threshold() -> None:
 
 
 def test_default_rules_file_loads() -> None:
-    rules = RuleSet.load(SluiceSettings().notifier.rules_path)
+    rules = RuleSet.load(NotifierSettings().rules_path)
     assert {r.name for r in rules.rules} == {"triangle-in-view", "chirp-heard"}
 
 
@@ -42,18 +41,19 @@ def test_bad_rules_file_is_rejected(tmp_path: Path) -> None:
 
 
 def test_alert_ids_are_deterministic_per_rule_and_source() -> None:
-    assert alert_id(RULE, _result("triangle", 0.95)) == alert_id(RULE, _result("triangle", 0.97))
-    assert alert_id(RULE, _result("triangle", 0.95)) != alert_id(RULE, _result("triangle", 0.95, offset=1))
-    alert = build_alert(RULE, _result("triangle", 0.95), "triangle", 0.95)
-    assert alert["rule"] == "tri" and alert["device_id"] == "cam-1" and alert["cooldown_s"] == 0.5
+    assert RULE.alert(_result("triangle", 0.95), "triangle", 0.95).alert_id == \
+        RULE.alert(_result("triangle", 0.97), "triangle", 0.97).alert_id
+    assert alert_id(RULE.name, _result("triangle", 0.95).source) != alert_id(RULE.name, _result("triangle", 0.95, offset=1).source)
+    alert = RULE.alert(_result("triangle", 0.95), "triangle", 0.95)
+    assert alert.rule == "tri" and alert.device_id == "cam-1" and alert.cooldown_s == 0.5
 
 
 async def test_cooldown_in_redis_suppresses_then_expires(stack_settings: SluiceSettings) -> None:
     redis = Redis.from_url(stack_settings.redis.url)
     try:
         store = CooldownStore(redis, prefix=f"test:{uuid.uuid4().hex}")
-        first = alert_id(RULE, _result("triangle", 0.95, offset=1))
-        second = alert_id(RULE, _result("triangle", 0.95, offset=2))
+        first = alert_id(RULE.name, _result("triangle", 0.95, offset=1).source)
+        second = alert_id(RULE.name, _result("triangle", 0.95, offset=2).source)
         assert await store.acquire(RULE, "cam-1", first)
         assert not await store.acquire(RULE, "cam-1", second), "same device, inside the cooldown"
         assert await store.acquire(RULE, "cam-2", second), "cooldowns are per device"

@@ -19,48 +19,45 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.kafka import make_consumer
-from schemas.codec import ALERT, DEAD_LETTER, INFERENCE_RESULT, Codec
-from streams.config import SluiceSettings
+from schemas.codec import Codec
+from schemas.records import Alert, DeadLetter, InferenceResult, Record, Source
+from schemas.topics import modality
+from streams.settings import SluiceSettings
 
 
-def percentiles(values: list[float], points: tuple[int, ...] = (50, 95, 99)) -> dict[str, float]:
+_POINTS = (50, 95, 99)
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
-        return {f"p{p}": float("nan") for p in points} | {"max": float("nan")}
+        return {f"p{p}": float("nan") for p in _POINTS} | {"max": float("nan")}
     array = np.asarray(values)
-    return {f"p{p}": round(float(np.percentile(array, p)), 2) for p in points} | {"max": round(float(array.max()), 2)}
-
-
-def source(record: dict[str, Any]) -> tuple[str, int, int]:
-    """Where the input of a result, alert or dead letter sits in Kafka: what identifies it."""
-    return record["source_topic"], record["source_partition"], record["source_offset"]
+    return {f"p{p}": round(float(np.percentile(array, p)), 2) for p in _POINTS} | {"max": round(float(array.max()), 2)}
 
 
 @dataclass
 class Observed:
-    results: list[dict[str, Any]] = field(default_factory=list)
-    alerts: list[dict[str, Any]] = field(default_factory=list)
-    dead_letters: list[dict[str, Any]] = field(default_factory=list)
+    results: list[InferenceResult] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
     e2e_ms: list[float] = field(default_factory=list)
     first_result_at: float | None = None
     last_result_at: float | None = None
 
-    def sources(self) -> list[tuple[str, int, int]]:
+    def sources(self) -> list[Source]:
         """The input (topic, partition, offset) of each result, duplicates included."""
-        return [source(r) for r in self.results]
+        return [r.source for r in self.results]
 
-    def unique_sources(self) -> set[tuple[str, int, int]]:
+    def unique_sources(self) -> set[Source]:
         return set(self.sources())
 
-    def accuracy(self, modality: str) -> float | None:
+    def accuracy(self, modality_name: str) -> float | None:
         """Top-1 accuracy over distinct inputs of a modality that carry ground truth."""
-        latest = {
-            source(r): r
-            for r in self.results
-            if r["modality"] == modality.upper() and r["ground_truth"] is not None
-        }
+        symbol = modality(modality_name).symbol
+        latest = {r.source: r for r in self.results if r.modality == symbol and r.ground_truth is not None}
         if not latest:
             return None
-        correct = sum(r["top_k"][0]["label"] == r["ground_truth"] for r in latest.values())
+        correct = sum(r.top_k[0].label == r.ground_truth for r in latest.values())
         return correct / len(latest)
 
 
@@ -69,10 +66,10 @@ class OutputObserver:
         self._settings = settings
         self._codec = Codec()
         topics = settings.kafka.topics
-        self._kinds = {topics.results: INFERENCE_RESULT, topics.alerts: ALERT, topics.dead_letters: DEAD_LETTER}
-        self._consumer: AIOKafkaConsumer = make_consumer(
-            settings.kafka, None, client_id=f"{settings.kafka.client_id}-observer"
-        )
+        self._kinds: dict[str, type[Record]] = {
+            topics.results: InferenceResult, topics.alerts: Alert, topics.dead_letters: DeadLetter,
+        }  # fmt: skip
+        self._consumer: AIOKafkaConsumer = make_consumer(settings.kafka, None, role="observer")
         self.observed = Observed()
         self._changed = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -84,8 +81,7 @@ class OutputObserver:
         # Kept now: once assigned, the client's metadata only follows the assigned topics.
         self._partitions = {
             topic: [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or ())]
-            for topic in self._settings.kafka.topics.model_dump().values()
-            if isinstance(topic, str)
+            for topic in self._settings.kafka.topics.names()
         }
         partitions = [tp for topic in self._kinds for tp in self._partitions[topic]]
         self._consumer.assign(partitions)
@@ -106,13 +102,13 @@ class OutputObserver:
             for tp, messages in batches.items():
                 kind = self._kinds[tp.topic]
                 for message in messages:
-                    _, record = self._codec.decode(message.value, expect=kind)
-                    if kind == INFERENCE_RESULT:
+                    record = self._codec.read(message.value, kind)
+                    if isinstance(record, InferenceResult):
                         observed.results.append(record)
-                        observed.e2e_ms.append((now_us - record["capture_time_us"]) / 1000)
+                        observed.e2e_ms.append((now_us - record.capture_time_us) / 1000)
                         observed.first_result_at = observed.first_result_at or time.monotonic()
                         observed.last_result_at = time.monotonic()
-                    elif kind == ALERT:
+                    elif isinstance(record, Alert):
                         observed.alerts.append(record)
                     else:
                         observed.dead_letters.append(record)
@@ -148,9 +144,9 @@ async def group_lag(admin: AIOKafkaAdminClient, observer: OutputObserver, group:
     return lag
 
 
-def latency_breakdown(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def latency_breakdown(results: list[InferenceResult]) -> dict[str, dict[str, float]]:
     fields = defaultdict(list)
     for r in results:
-        for name, value in r["latency"].items():
+        for name, value in r.latency.to_avro().items():
             fields[name].append(float(value))
     return {name: percentiles(values) for name, values in fields.items()}

@@ -23,17 +23,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from aiokafka.admin import AIOKafkaAdminClient
 from rich.console import Console
 from rich.table import Table
 
 from consumers.clickhouse import RESULTS_TABLE, connect
-from consumers.kafka import ensure_topics
-from streams import processes
-from streams.config import SluiceSettings
-from streams.observer import OutputObserver, group_lag, latency_breakdown, percentiles
-from streams.processes import ManagedProcess, ProcessError
-from streams.stack import LocalStack, isolated_settings, start_component, start_sluice, wait_components_ready
+from consumers.kafka import ensure_topics, make_admin
+from schemas.topics import AUDIO, FRAME, MODALITIES
+from streams.local import processes
+from streams.local.harness import Components, isolated_settings, start_sluice
+from streams.local.observer import OutputObserver, group_lag, latency_breakdown, percentiles
+from streams.local.processes import ProcessError
+from streams.local.stack import LocalStack
+from streams.settings import SluiceSettings
 
 COMPONENTS = {"worker": ["worker"], "sink": ["sink"], "notifier": ["notifier"]}
 
@@ -61,13 +62,9 @@ def _lag_trend(samples: list[tuple[float, int]]) -> dict[str, Any]:
 async def _observe_run(settings: SluiceSettings, seconds: float, report_path: Path) -> dict[str, Any]:
     observer = OutputObserver(settings)
     await observer.start()
-    admin = AIOKafkaAdminClient(**settings.kafka.client_options(), client_id=f"{settings.kafka.client_id}-demo-admin")
+    admin = make_admin(settings.kafka, "demo-admin")
     await admin.start()
-    topics = settings.kafka.topics
-    groups = {
-        f"{settings.worker.group_prefix}-frame": topics.frames,
-        f"{settings.worker.group_prefix}-audio": topics.audio,
-    }
+    groups = {settings.worker.group_id(m.name): m.input_topic(settings.kafka.topics) for m in MODALITIES.values()}
     lag_samples: list[tuple[float, int]] = []
     simulator = start_sluice(settings, "simulator", ["simulate", "--seconds", str(seconds), "--report", str(report_path)])
     started = time.monotonic()
@@ -106,8 +103,7 @@ def run_demo(settings: SluiceSettings, seconds: float, json_path: Path | None, c
     shutil.rmtree(base, ignore_errors=True)
     settings = isolated_settings(settings, base)
     stack = LocalStack(settings)
-    components: list[ManagedProcess] = []
-    graceful: dict[str, bool] = {}
+    components = Components(settings)
     console.rule("[bold]Sluice demo")
     try:
         with console.status("starting the local stack"):
@@ -116,21 +112,16 @@ def run_demo(settings: SluiceSettings, seconds: float, json_path: Path | None, c
         console.print(f"broker {settings.kafka.bootstrap_servers}, redis {settings.redis.url}, "
                       f"clickhouse {settings.clickhouse.dsn}")
         with console.status("starting worker, sink and notifier; waiting for them to join their groups"):
-            started = [start_component(settings, name, args) for name, args in COMPONENTS.items()]
-            components = [process for process, _ in started]
-            wait_components_ready(started, timeout_s=120)
+            components.wait_ready([components.launch(name, args) for name, args in COMPONENTS.items()])
         with console.status(f"simulating {settings.simulator.cameras} cameras at {settings.simulator.camera_fps:g} fps "
                             f"and {settings.simulator.microphones} microphones at {settings.simulator.chunks_per_s:g} "
                             f"chunks/s for {seconds:g}s"):
             run = asyncio.run(_observe_run(settings, seconds, base / "simulator-report.json"))
         with console.status("stopping components (the sink flushes)"):
-            for process in components:
-                graceful[process.name] = processes.stop(process, timeout_s=30)
+            graceful = components.stop_all(timeout_s=30)
         rows = _clickhouse_rows(settings)
     finally:
-        for process in components:
-            if process.alive():
-                processes.stop(process)
+        components.stop_all()
         stack.down()
 
     summary = _summarise(settings, seconds, run, rows, graceful)
@@ -148,7 +139,7 @@ def _summarise(
     published = run["published"]
     unique = len(observed.unique_sources())
     window = (observed.last_result_at or 0) - (observed.first_result_at or 0)
-    frame_accuracy, audio_accuracy = observed.accuracy("frame"), observed.accuracy("audio")
+    frame_accuracy, audio_accuracy = observed.accuracy(FRAME.name), observed.accuracy(AUDIO.name)
     latency = percentiles(observed.e2e_ms)
     lag = _lag_trend(run["lag_samples"])
     sim = settings.simulator

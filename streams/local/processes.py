@@ -17,9 +17,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from schemas.errors import SluiceError
 
-class ProcessError(RuntimeError):
-    pass
+
+class ProcessError(SluiceError):
+    """A local process could not be started, or died during start-up (the message has its log's tail)."""
 
 
 @dataclass
@@ -41,9 +43,9 @@ class ManagedProcess:
     def returncode(self) -> int | None:
         return None if self.popen is None else self.popen.poll()
 
-    def log_tail(self, lines: int = 30) -> str:
+    def log_tail(self) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:])
         except FileNotFoundError:
             return "(no log)"
 
@@ -75,7 +77,6 @@ def start(
     argv: Sequence[str],
     run_dir: Path,
     env: dict[str, str] | None = None,
-    cwd: Path | None = None,
 ) -> ManagedProcess:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / f"{name}.log"
@@ -90,7 +91,6 @@ def start(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
-            cwd=cwd,
             start_new_session=True,
         )
     pid_path.write_text(f"{proc.pid}\n" + "\0".join(argv))

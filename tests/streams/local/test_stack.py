@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from streams import processes
-from streams.stack import free_port
+from streams.local import processes
+from streams.local.harness import free_port
 
 
 def _sluice(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

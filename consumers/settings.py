@@ -1,0 +1,52 @@
+"""The worker, sink and ClickHouse sections of the settings (`SLUICE_WORKER__<KNOB>`, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+# A checkout's root: where the local ClickHouse data and the DDL files live by default.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+class WorkerSettings(BaseModel):
+    group_prefix: str = "sluice-worker"  # one group per modality: <group_prefix>-<modality>
+    # A batch closes at max_batch_size messages or max_delay_ms after its first
+    # message was polled, whichever comes first.
+    max_batch_size: int = 16
+    max_delay_ms: float = 10.0
+    # Polled but not yet acknowledged work. Above either bound the worker pauses
+    # its partitions (it keeps polling, so it stays in the group) and resumes
+    # below half of it.
+    max_inflight_messages: int = 512
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    commit_interval_ms: int = 250
+    top_k: int = 3
+    # How long a revoke or a stop waits for in-flight results before giving the partitions up uncommitted.
+    drain_timeout_s: float = 10.0
+    metrics_port: int | None = None
+
+    def group_id(self, modality: str) -> str:
+        return f"{self.group_prefix}-{modality}"
+
+
+class ClickHouseSettings(BaseModel):
+    # chdb:///abs/path (embedded engine, one process per path) or http(s)://user:pass@host:8123
+    dsn: str = f"chdb://{(_CHECKOUT / '.sluice' / 'clickhouse').as_posix()}"
+    database: str = "sluice"
+    migrations_dir: Path = _CHECKOUT / "deploy" / "clickhouse" / "migrations"
+
+
+class SinkSettings(BaseModel):
+    group_id: str = "sluice-sink"
+    # ClickHouse prefers few large inserts: flush at batch_rows or every flush_interval_ms.
+    batch_rows: int = 10_000
+    flush_interval_ms: int = 1_000
+    # At this many buffered rows (an insert is failing) the sink pauses its partitions,
+    # and resumes below half of it.
+    max_buffered_rows: int = 100_000
+    insert_retry_backoff_ms: int = 500
+    # How long a stopping sink keeps retrying its last insert before leaving the rows to be re-read.
+    drain_timeout_s: float = 10.0
+    metrics_port: int | None = None

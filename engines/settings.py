@@ -1,0 +1,27 @@
+"""The engine section of the settings (`SLUICE_ENGINE__<KNOB>`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+# The bundled models ship inside this package, so the default works from a wheel as from a checkout.
+BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
+
+
+class EngineSettings(BaseModel):
+    kind: Literal["onnxruntime"] = "onnxruntime"
+    # ONNX Runtime threads per session; each modality has its own session.
+    intra_op_threads: int = 1
+    model_repository: Path = BUNDLED_MODELS
+    # One model per modality: `<modality>_model` and `<modality>_model_version` (None: the highest version).
+    frame_model: str = "frame_classifier"
+    frame_model_version: int | None = None
+    audio_model: str = "audio_classifier"
+    audio_model_version: int | None = None
+
+    def model_for(self, modality: str) -> tuple[str, int | None]:
+        """The configured (model name, version) of a modality."""
+        return getattr(self, f"{modality}_model"), getattr(self, f"{modality}_model_version")

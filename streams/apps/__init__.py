@@ -1,0 +1,1 @@
+"""Stream apps (Faust): the notifier and its rules."""

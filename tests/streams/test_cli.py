@@ -1,0 +1,27 @@
+"""Mistakes a user can fix end in one line saying what is wrong, and exit status 2; `--debug` adds the traceback."""
+
+import os
+import subprocess
+import sys
+
+
+def _sluice(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=os.environ | env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_an_invalid_setting_is_one_line_without_a_traceback() -> None:
+    result = _sluice("config", SLUICE_WORKER__MAX_BATCH_SIZE="many")
+    assert result.returncode == 2
+    assert "SLUICE_WORKER__MAX_BATCH_SIZE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_debug_shows_the_traceback() -> None:
+    result = _sluice("--debug", "config", SLUICE_WORKER__MAX_BATCH_SIZE="many")
+    assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
+
+
+def test_a_missing_model_names_what_to_fix(tmp_path: object) -> None:
+    result = _sluice("worker", "--modality", "frame", SLUICE_ENGINE__FRAME_MODEL="no_such_model")
+    assert result.returncode == 2
+    assert "no model 'no_such_model'" in result.stderr and "Traceback" not in result.stderr
