@@ -64,8 +64,9 @@ class Outcomes:
         """Send `message` to the dead-letter topic with why; that is its outcome."""
         log.warning("dead letter %s[%d]@%d (%s): %s", message.topic, message.partition, message.offset, stage, reason)
         letter = dead_letter_for(
-            source_of(message), message.key, message.value, stage, error_type, reason, self.component
-        )
+            source_of(message), message.key, message.value, stage, error_type, reason, self.component,
+            message.headers or (),
+        )  # fmt: skip
         try:
             await self.publish(self._dead_letter_topic, letter, message.key, message, on_delivered)
         except MessageSizeTooLargeError:

@@ -9,8 +9,10 @@ field renamed in a schema is renamed in one place.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple
 
 from schemas.codec import ALERT, AUDIO_CHUNK, DEAD_LETTER, FRAME_CHUNK, INFERENCE_RESULT
@@ -160,6 +162,14 @@ class Alert(Record):
 
 
 @dataclass(slots=True)
+class Header(Record):
+    """One Kafka header of the original message."""
+
+    key: str
+    value: bytes | None
+
+
+@dataclass(slots=True)
 class DeadLetter(Record):
     schema: ClassVar[str] = DEAD_LETTER
     source_topic: str
@@ -172,6 +182,11 @@ class DeadLetter(Record):
     reason: str  # a sentence a human can act on
     component: str  # which process, e.g. worker-frame@host:pid
     failed_time_us: int
+    headers: list[Header] = field(default_factory=list)  # schema version 2; empty when read from version 1
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> DeadLetter:
+        return cls(**{**data, "headers": [Header(**h) for h in data.get("headers", ())]})
 
     @property
     def source(self) -> Source:
@@ -217,9 +232,10 @@ def result_for(
 
 
 def dead_letter_for(
-    source: Source, key: bytes | None, value: bytes | None, stage: str, error_type: str, reason: str, component: str
+    source: Source, key: bytes | None, value: bytes | None, stage: str, error_type: str, reason: str, component: str,
+    headers: Iterable[tuple[str, bytes | None]] = (),
 ) -> DeadLetter:
-    """A dead letter keeps the original key and value, so a fixed worker (or a human) can replay it."""
+    """A dead letter keeps the original key, value and headers, so a fixed worker (or a human) can replay it."""
     return DeadLetter(
         source_topic=source.topic,
         source_partition=source.partition,
@@ -231,6 +247,7 @@ def dead_letter_for(
         reason=reason,
         component=component,
         failed_time_us=now_us(),
+        headers=[Header(k, v) for k, v in headers],
     )
 
 
@@ -255,3 +272,20 @@ def alert_for(rule: str, cooldown_s: float, result: InferenceResult, label: str,
         cooldown_s=cooldown_s,
         alert_time_us=now_us(),
     )
+
+
+# -- what every input must satisfy, whoever sent it -----------------------------------------------------
+
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}")
+TRACE_ID_MAX = 128
+
+
+def identity_problem(device_id: str, trace_id: str) -> str | None:
+    """Why a device or trace id is unusable (it keys partitions, metrics labels and ClickHouse rows), or None."""
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
+        shown = device_id if len(device_id) <= 40 else f"{device_id[:40]}... ({len(device_id)} chars)"
+        return (f"device_id {shown!r} is not 1-128 characters of letters, digits and ._:@/- "
+                "starting with a letter or digit")  # fmt: skip
+    if len(trace_id) > TRACE_ID_MAX:
+        return f"trace_id is {len(trace_id)} characters; at most {TRACE_ID_MAX}"
+    return None
