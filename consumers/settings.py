@@ -23,6 +23,12 @@ class WorkerSettings(BaseModel):
     max_inflight_bytes: int = 256 * 1024 * 1024
     commit_interval_ms: int = 250
     top_k: int = 3
+    # Frames declaring more pixels than this are dead-lettered before decoding (a small JPEG can
+    # declare 10000x10000 pixels and cost a gigabyte to decode).
+    max_frame_pixels: int = 4096 * 4096
+    # How long an outcome refused for a transient reason (a broker restart, a leader change) is
+    # sent again before the worker gives up and exits without committing it.
+    delivery_retry_s: float = 120.0
     # How long a revoke or a stop waits for in-flight results before giving the partitions up uncommitted.
     drain_timeout_s: float = 10.0
     metrics_port: int | None = None

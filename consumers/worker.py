@@ -72,7 +72,7 @@ class ModalityPipeline:
         self._runner = EngineRunner(engine)
         self._metrics = metrics
         self._worker_id = worker_id
-        self._decoder = decoder_for(self.spec, codec)
+        self._decoder = decoder_for(self.spec, codec, settings.max_frame_pixels)
         consumer = make_consumer(kafka, settings.group_id(self.name), role=f"{self.name}-{worker_id}")
         self._checkpoint = Checkpoint(
             consumer, f"worker-{self.name}",
@@ -81,7 +81,7 @@ class ModalityPipeline:
         )  # fmt: skip
         self._outcomes = Outcomes(
             producer, codec, self._checkpoint, kafka.topics.dead_letters,
-            component=f"worker-{self.name}@{worker_id}", on_failure=self._fail,
+            component=f"worker-{self.name}@{worker_id}", on_failure=self._fail, retry_for_s=settings.delivery_retry_s,
         )  # fmt: skip
         self._batcher = Batcher(settings.max_batch_size, settings.max_delay_ms / 1000)
         self._failure: BaseException | None = None
@@ -126,6 +126,7 @@ class ModalityPipeline:
         # Finish what was polled, so its offsets are committed now rather than redone by the next owner.
         left = await self._checkpoint.drain()
         infer.cancel()
+        self._outcomes.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._checkpoint.consumer.stop()  # leaves the group, so the others rebalance at once
         log.info("%s pipeline stopped; %d messages left uncommitted", self.name, left)
@@ -171,6 +172,9 @@ class ModalityPipeline:
                 decoded.append((polled, self._decoder.decode(polled.message.value)))
             except InvalidInput as exc:
                 await self._dead_letter(polled, exc.stage, type(exc).__name__, exc.reason)
+            except Exception as exc:  # whatever one message raises is that message's fault, not the worker's
+                log.exception("unexpected error decoding %s", polled.source)
+                await self._dead_letter(polled, "decode", type(exc).__name__, str(exc) or repr(exc))
         decode_ms = (time.perf_counter() - started) * 1000
         if not decoded:
             return
@@ -208,9 +212,12 @@ class ModalityPipeline:
                 max(0.0, time.time() - capture_time_us / 1e6)
             )
 
-        await self._outcomes.publish(
-            self._results_topic, result, result.device_id.encode(), polled.message, on_delivered=delivered
-        )
+        try:
+            await self._outcomes.publish(
+                self._results_topic, result, result.device_id.encode(), polled.message, on_delivered=delivered
+            )
+        except Exception as exc:  # e.g. a result over the producer's request size: this input's fault alone
+            await self._dead_letter(polled, "result", type(exc).__name__, str(exc) or repr(exc))
 
     async def _dead_letter(self, polled: Polled, stage: str, error_type: str, reason: str) -> None:
         def delivered() -> None:

@@ -27,7 +27,7 @@ from PIL import Image
 
 from schemas.codec import Codec
 from schemas.errors import SluiceError
-from schemas.records import AudioChunk, FrameChunk, now_us
+from schemas.records import AudioChunk, FrameChunk, identity_problem, now_us
 
 
 class PublishError(SluiceError):
@@ -84,6 +84,13 @@ class DeviceClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
 
+    @staticmethod
+    def _check_identity(device_id: str, trace_id: str) -> str:
+        problem = identity_problem(device_id, trace_id)
+        if problem is not None:
+            raise ValueError(problem)
+        return trace_id
+
     def _next_seq(self, device_id: str) -> int:
         seq = self._seq.get(device_id, 0)
         self._seq[device_id] = seq + 1
@@ -113,7 +120,7 @@ class DeviceClient:
             data = np.ascontiguousarray(frame).tobytes()
         record = FrameChunk(
             device_id=device_id,
-            trace_id=trace_id or uuid.uuid4().hex,
+            trace_id=self._check_identity(device_id, trace_id or uuid.uuid4().hex),
             seq=self._next_seq(device_id),
             capture_time_us=capture_time_us if capture_time_us is not None else now_us(),
             encoding=encoding.upper(),
@@ -145,7 +152,7 @@ class DeviceClient:
         channels = 1 if pcm.ndim == 1 else pcm.shape[1]
         record = AudioChunk(
             device_id=device_id,
-            trace_id=trace_id or uuid.uuid4().hex,
+            trace_id=self._check_identity(device_id, trace_id or uuid.uuid4().hex),
             seq=self._next_seq(device_id),
             capture_time_us=capture_time_us if capture_time_us is not None else now_us(),
             encoding="PCM_S16LE",

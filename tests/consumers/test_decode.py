@@ -107,3 +107,46 @@ def test_unusable_audio_raises_with_a_reason(
     value = _audio(codec, data, sample_rate=sample_rate, channels=channels)
     with pytest.raises(InvalidInput, match=reason):
         AudioDecoder(REPOSITORY.resolve("audio_classifier"), codec).decode(value)
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _declaring(jpeg: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its frame header (SOF0) rewritten to declare other dimensions."""
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[: sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[sof + 9 :]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "stage", "reason"),
+    [
+        # 10000x10000 declared in a few hundred bytes: refused from the header, before any pixel is decoded.
+        ({"encoding": "JPEG", "data": _declaring(_jpeg(16, 16), 10_000, 10_000)}, "validate", "over the limit"),
+        ({"encoding": "JPEG", "data": _jpeg(64, 64)[:-200]}, "decode", "truncated"),
+        ({"height": 5000, "width": 5000, "data": b""}, "validate", "over the limit"),
+        ({"height": -2, "width": 4, "data": b""}, "validate", "positive sides"),
+        ({"device_id": "cam\n7"}, "validate", "device_id"),
+        ({"device_id": "c" * 10_000}, "validate", "device_id"),
+    ],
+)
+def test_hostile_frames_are_refused_before_they_cost_memory(
+    codec: Codec, overrides: dict, stage: str, reason: str
+) -> None:
+    with pytest.raises(InvalidInput, match=reason) as info:
+        FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(_frame(codec, **overrides))
+    assert info.value.stage == stage
+
+
+def test_an_image_that_is_not_a_jpeg_is_a_decode_error(codec: Codec) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(buf, format="PNG")
+    png_that_ends_like_a_jpeg = buf.getvalue() + b"\xff\xd9"
+    with pytest.raises(InvalidInput, match="not JPEG") as info:
+        FrameDecoder(REPOSITORY.resolve("frame_classifier"), codec).decode(
+            _frame(codec, encoding="JPEG", data=png_that_ends_like_a_jpeg)
+        )
+    assert info.value.stage == "decode"

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from consumers.kafka import device_client
 from consumers.worker import WorkerFailed, run_worker
 from engines import Engine, EngineError, load_engines
+from producers.synth import CameraScene
+from schemas.records import Source
 from streams.local.harness import publish_frames
 from streams.local.observer import Observed, OutputObserver
 from streams.settings import SluiceSettings
@@ -164,3 +167,30 @@ async def test_a_broken_engine_stops_the_worker_without_committing(settings: Slu
     observed, _ = await _run(settings, healthy, lambda o: len(o.unique_sources()) >= len(published), nothing)
     assert observed.unique_sources() == published
     assert observed.dead_letters == []
+
+
+async def test_a_result_too_large_for_the_producer_is_dead_lettered_and_the_worker_goes_on(
+    settings: SluiceSettings,
+) -> None:
+    """The input fits the broker's limit but its result (which repeats the input's 2 MB label) does not fit
+    the worker's producer limit: that input is dead-lettered, the worker and every other input carry on."""
+    small = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"max_request_size": 1024 * 1024})})
+    engine = load_engines(settings.engine, ["frame"])["frame"]
+    published: set = set()
+    scene = CameraScene(np.random.default_rng(5))
+
+    async def publish() -> set:
+        async with device_client(settings.kafka, "test") as client:  # the devices' limit: 4 MB
+            deliveries = [await client.publish_frame("cam-1", scene.next_frame()[0], label="x" * 2_000_000)]
+            deliveries += [await client.publish_frame("cam-2", scene.next_frame()[0]) for _ in range(9)]
+            published.update(Source(m.topic, m.partition, m.offset) for m in await asyncio.gather(*deliveries))
+        return published
+
+    observed, _ = await _run(
+        small, engine, lambda o: published and len(o.unique_sources()) + len(o.dead_letters) >= 10, publish
+    )
+    assert len(observed.unique_sources()) == 9
+    (letter,) = observed.dead_letters
+    assert letter.stage == "result" and letter.error_type == "MessageSizeTooLargeError"
+    assert letter.value is None and "dropped" in letter.reason, "the 2 MB input itself cannot travel in the letter"
+    assert letter.source in published

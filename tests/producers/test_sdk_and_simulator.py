@@ -53,6 +53,10 @@ async def test_sdk_rejects_unusable_input_before_sending(settings: SluiceSetting
             await client.publish_frame("cam", np.zeros((4, 4, 3), dtype=np.float32))
         with pytest.raises(ValueError, match="int16"):
             await client.publish_audio("mic", np.zeros(10, dtype=np.float64), 16_000)
+        with pytest.raises(ValueError, match="device_id"):
+            await client.publish_frame("cam 7; DROP TABLE", np.zeros((4, 4, 3), dtype=np.uint8))
+        with pytest.raises(ValueError, match="trace_id"):
+            await client.publish_audio("mic", np.zeros(10, dtype=np.int16), 16_000, trace_id="t" * 1000)
 
 
 async def test_sdk_fails_clearly_without_a_broker() -> None:
