@@ -19,7 +19,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError as DriverError
 
-from schemas.errors import ConfigError, SluiceError
+from schemas.errors import ConfigError, SluiceError, redact_url
 from schemas.records import InferenceResult
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,7 @@ def connect(dsn: str) -> Client:
     try:
         return clickhouse_connect.get_client(dsn=dsn)
     except (DriverError, OSError) as exc:
-        raise ClickHouseUnavailable(f"cannot open ClickHouse at {_redacted(dsn)}: {exc}") from exc
-
-
-def _redacted(dsn: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", dsn)
+        raise ClickHouseUnavailable(f"cannot open ClickHouse at {redact_url(dsn)}: {exc}") from exc
 
 
 def _statements(sql: str) -> list[str]:

@@ -16,3 +16,13 @@ class SluiceError(Exception):
 
 class ConfigError(SluiceError, ValueError):
     """A setting has a value Sluice cannot work with."""
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user-info replaced, for anything printed or logged
+    (DSNs and Redis URLs carry credentials)."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from schemas.errors import SluiceError
 from schemas.topics import MODALITY_NAMES
-from streams.settings import SluiceSettings, load_settings
+from streams.settings import SluiceSettings, load_settings, redacted
 
 console = Console()
 
@@ -227,7 +227,7 @@ def cmd_clickhouse(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_config(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    console.print_json(settings.model_dump_json())
+    console.print_json(data=redacted(settings))
     return 0
 
 

@@ -31,7 +31,7 @@ from consumers.kafka import KafkaSettings
 from consumers.settings import ClickHouseSettings, SinkSettings, WorkerSettings
 from engines.settings import EngineSettings
 from producers.settings import SimulatorSettings
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, redact_url
 from streams.apps.settings import NotifierSettings, RedisSettings
 from streams.local.stack import StackSettings
 
@@ -87,6 +87,19 @@ def load_settings(config_path: Path | None = None) -> SluiceSettings:
             f"SLUICE_{'__'.join(str(p).upper() for p in error['loc'])}: {error['msg']}" for error in exc.errors()
         )
         raise ConfigError(f"invalid settings: {problems}") from exc
+
+
+def redacted(settings: SluiceSettings) -> dict[str, Any]:
+    """The settings as printable JSON data: secrets masked, passwords inside URLs (DSNs) too."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, str) and "://" in value:
+            return redact_url(value)
+        return value
+
+    return walk(settings.model_dump(mode="json"))
 
 
 def settings_env(settings: SluiceSettings) -> dict[str, str]:

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 import redis
 from pydantic import BaseModel
 
+from schemas.errors import redact_url
 from streams.local import processes
 from streams.local.processes import ManagedProcess, ProcessError
 
@@ -165,5 +166,5 @@ class LocalStack:
             process = processes.read(name, self.run_dir)
             running = process is not None and process.alive()
             rows.append(ServiceStatus(name, running, process.pid if running and process else None, endpoint))
-        rows.append(ServiceStatus("clickhouse", True, None, f"{self.settings.clickhouse.dsn} (embedded in the sink)"))
+        rows.append(ServiceStatus("clickhouse", True, None, f"{redact_url(self.settings.clickhouse.dsn)} (embedded in the sink)"))
         return rows

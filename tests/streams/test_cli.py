@@ -25,3 +25,12 @@ def test_a_missing_model_names_what_to_fix(tmp_path: object) -> None:
     result = _sluice("worker", "--modality", "frame", SLUICE_ENGINE__FRAME_MODEL="no_such_model")
     assert result.returncode == 2
     assert "no model 'no_such_model'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_config_never_prints_a_password() -> None:
+    result = _sluice("config", SLUICE_CLICKHOUSE__DSN="https://bob:hunter2@ch:8443",
+                     SLUICE_REDIS__URL="redis://:s3cret@redis:6379/0", SLUICE_KAFKA__SASL_PASSWORD="k4fka")  # fmt: skip
+    assert result.returncode == 0
+    for secret in ("hunter2", "s3cret", "k4fka"):
+        assert secret not in result.stdout
+    assert "https://bob:***@ch:8443" in result.stdout, "what the DSN points at stays visible"
