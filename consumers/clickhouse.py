@@ -1,16 +1,24 @@
-"""ClickHouse access for the sink: client, migrations, and the result row layout.
+"""ClickHouse access for the sink: client, migrations, the result row layout, and what the table refuses.
 
 The DSN decides the backend: `chdb:///path` is the embedded engine (one engine
 per process, one process per data directory, so only the sink process opens
 it), `http(s)://user:pass@host:8123` a server. The DDL is the same for both.
+
+A row the table cannot hold must not reach an insert: one such row fails its
+whole batch, and a batch retried forever stops the sink. `row_problem` says
+why a result cannot be a row (the worker asks before producing one, the sink
+before buffering one); `rows_at_fault` tells an insert that failed because of
+its rows (split it, dead-letter the culprits) from one that failed because of
+ClickHouse (retry it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
-from datetime import UTC, datetime
+import struct
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -18,6 +26,7 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError as DriverError
+from clickhouse_connect.driver.exceptions import DatabaseError, DataError
 
 from schemas.errors import ConfigError, SluiceError, redact_url
 from schemas.records import InferenceResult
@@ -82,12 +91,10 @@ def apply_migrations(client: Client, migrations_dir: Path, database: str) -> lis
     return done
 
 
-def _utc(us: int) -> datetime:
-    return datetime.fromtimestamp(us / 1e6, tz=UTC)
-
-
 def result_row(result: InferenceResult) -> list[Any]:
-    """One result as a row in RESULT_COLUMNS order."""
+    """One result as a row in RESULT_COLUMNS order. The times go as DateTime64(6) ticks, whole microseconds:
+    the driver converts a datetime through a float of seconds, which loses microseconds after 2106 and can round
+    a row into the next day (another partition than `result_partition` says)."""
     best = result.best
     latency = result.latency
     return [
@@ -98,8 +105,8 @@ def result_row(result: InferenceResult) -> list[Any]:
         result.device_id,
         result.modality,
         result.seq,
-        _utc(result.capture_time_us),
-        _utc(result.result_time_us),
+        result.capture_time_us,
+        result.result_time_us,
         result.model_name,
         result.model_version,
         best.label if best else "",
@@ -114,3 +121,85 @@ def result_row(result: InferenceResult) -> list[Any]:
         latency.batch_size,
         result.worker_id,
     ]
+
+
+def result_partition(result: InferenceResult) -> int:
+    """The partition of the result's row, as a number: its capture day in UTC, which is what the table's
+    `PARTITION BY toYYYYMMDD(capture_time)` on a `DateTime64(6, 'UTC')` column groups by."""
+    return result.capture_time_us // 86_400_000_000
+
+
+# -- what the columns hold (deploy/clickhouse/migrations) ---------------------------------------------------
+
+_UINT_MAX = {"UInt16": 2**16 - 1, "UInt32": 2**32 - 1, "UInt64": 2**64 - 1}
+# DateTime64's documented range. Servers from before the range was widened (ClickHouse #107907) clamp a value
+# outside it to the nearest end without an error, so such a row would be stored with a wrong time.
+_DATETIME64_MIN_US = -2_208_988_800 * 10**6  # 1900-01-01 00:00:00 UTC
+_DATETIME64_MAX_US = 10_413_792_000 * 10**6 - 1  # 2299-12-31 23:59:59.999999 UTC
+_FLOAT32_MAX = 3.4028234663852886e38  # beyond it (but finite) the driver cannot pack a Float32; NaN and inf it can
+# The modality column's Enum8. The driver sends a symbol it does not know as 0, which the server stores as is.
+_MODALITY_SYMBOLS = ("FRAME", "AUDIO")
+_NOT_FROM_A_WORKER = "Kafka coordinates are never negative, so no Sluice worker made this result"
+
+
+def row_problem(result: InferenceResult) -> str | None:
+    """Why `inference_results` cannot hold `result`, in a sentence a user can act on, or None if it can."""
+    latency = result.latency
+    unsigned = (
+        ("seq", result.seq, "UInt64", "the device must number its chunks from 0 up, as the SDK does"),
+        ("source_partition", result.source_partition, "UInt32", _NOT_FROM_A_WORKER),
+        ("source_offset", result.source_offset, "UInt64", _NOT_FROM_A_WORKER),
+        ("model_version", result.model_version, "UInt32", "model versions are the repository's version numbers"),
+        ("latency.batch_size", latency.batch_size, "UInt16", "lower worker.max_batch_size"),
+    )
+    for name, number, column_type, hint in unsigned:
+        if not 0 <= number <= _UINT_MAX[column_type]:
+            return (f"{name} is {number}, outside the 0 to {_UINT_MAX[column_type]} of its ClickHouse column "
+                    f"({column_type}): {hint}")  # fmt: skip
+    for name, us in (("capture_time_us", result.capture_time_us), ("result_time_us", result.result_time_us)):
+        if not _DATETIME64_MIN_US <= us <= _DATETIME64_MAX_US:
+            return (f"{name} is {us}, not a time from 1900-01-01 to 2299-12-31 (what ClickHouse's DateTime64 holds): "
+                    "it counts microseconds since 1970-01-01 UTC; check the device's clock and unit")  # fmt: skip
+    if result.modality not in _MODALITY_SYMBOLS:
+        symbols = ", ".join(_MODALITY_SYMBOLS)
+        return f"modality {result.modality!r} is not one of the table's {symbols}: a migration must add it"
+    floats = [(f"top_k[{i}].score", entry.score) for i, entry in enumerate(result.top_k)] + [
+        ("latency.queue_ms", latency.queue_ms), ("latency.batch_wait_ms", latency.batch_wait_ms),
+        ("latency.decode_ms", latency.decode_ms), ("latency.inference_ms", latency.inference_ms),
+    ]  # fmt: skip
+    for name, number in floats:
+        if math.isfinite(number) and abs(number) > _FLOAT32_MAX:
+            return f"{name} is {number}, beyond the ±3.4e38 of its ClickHouse column (Float32)"
+    texts = [
+        ("trace_id", result.trace_id), ("device_id", result.device_id), ("source_topic", result.source_topic),
+        ("model_name", result.model_name), ("worker_id", result.worker_id), ("ground_truth", result.ground_truth or ""),
+    ] + [(f"top_k[{i}].label", entry.label) for i, entry in enumerate(result.top_k)]  # fmt: skip
+    for name, text in texts:
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            return f"{name} holds a lone surrogate ({text[exc.start]!r} at {exc.start}), which UTF-8 cannot encode"
+    return None
+
+
+# Server error codes that blame the inserted rows: the same rows fail the same way however often they are sent.
+# Each was raised by the embedded engine (chDB 26.9) when an experiment inserted such a value:
+_BAD_DATA_CODES = frozenset({
+    6,  # CANNOT_PARSE_TEXT: a string where the column wants a number
+    70,  # CANNOT_CONVERT_TYPE: a value the column's type cannot take exactly
+    349,  # CANNOT_INSERT_NULL_IN_ORDINARY_COLUMN
+    469,  # VIOLATED_CONSTRAINT: a CHECK of the table (a migration may add one)
+    691,  # UNKNOWN_ELEMENT_OF_ENUM
+})  # fmt: skip
+# Not 252 (TOO_MANY_PARTS): besides too many partitions in one insert (the sink stays under that limit) it
+# means that merges lag behind inserts, which passes.
+
+
+def rows_at_fault(exc: BaseException) -> bool:
+    """Whether an insert failed because of rows it carried, so that retrying them cannot help; otherwise
+    ClickHouse is at fault (unreachable, busy, the table missing) and a retry may succeed."""
+    # The driver could not serialize a value into its column: clickhouse-connect raises DataError (the
+    # struct.error or OverflowError of a number out of range is its cause), or the conversion's own error.
+    if isinstance(exc, DataError | TypeError | ValueError | OverflowError | struct.error):
+        return True
+    return isinstance(exc, DatabaseError) and exc.code in _BAD_DATA_CODES

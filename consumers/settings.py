@@ -49,9 +49,17 @@ class SinkSettings(BaseModel):
     # ClickHouse prefers few large inserts: flush at batch_rows or every flush_interval_ms.
     batch_rows: int = 10_000
     flush_interval_ms: int = 1_000
-    # At this many buffered rows (an insert is failing) the sink pauses its partitions,
-    # and resumes below half of it.
+    # What bounds the sink's memory: at this many results in flight (polled, not yet inserted
+    # nor dead-lettered; many only while inserts fail) the checkpoint pauses the partitions,
+    # and resumes them below half of it. Each holds its row (~1-2 KB) and its Kafka message
+    # (~1 KB, kept for a dead letter should ClickHouse refuse the row): some 300 MB at the
+    # default, plus what one poll (batch_rows) and the consumer's fetch buffers add before
+    # the pause takes hold.
     max_buffered_rows: int = 100_000
+    # At most this many ClickHouse partitions (capture days) per insert: keep it within the
+    # server's max_partitions_per_insert_block (100 by default). A flush of results from more
+    # days is inserted in several chunks.
+    max_partitions_per_insert: int = 100
     insert_retry_backoff_ms: int = 500
     # How long a stopping sink keeps retrying its last insert before leaving the rows to be re-read.
     drain_timeout_s: float = 10.0

@@ -4,19 +4,25 @@ It sits on the same `Checkpoint` as the worker (`checkpoint.py`); a message's
 outcome is safe once its row is inserted, or its dead letter acknowledged. Per
 flush (the checkpoint's "settle" step):
 
-    1. insert the buffered rows, with insert_deduplication_token = hash of their offset ranges
+    1. insert the buffered rows, in chunks of at most `max_partitions_per_insert` days, each with
+       insert_deduplication_token = hash of its exact offsets
     2. acknowledge their offsets in the checkpoint
     3. commit the acknowledged prefix of each owned partition
 
 So a row is in ClickHouse before its offset is committed (no loss), and a crash
 between 1 and 3 re-reads the batch: re-inserted identically it is dropped by the
 token; re-batched differently, ReplacingMergeTree collapses it (the
-`inference_results_dedup` view, or `FINAL`). A failing insert is retried with
-backoff while the sink keeps polling, so it stays in its group; at
-`max_buffered_rows` in flight the checkpoint pauses its partitions (bounded
-memory) until inserts land. A message that is not an InferenceResult goes to
-the dead-letter topic and its offset commits with the rest. Unlike ClickHouse's
-Kafka engine, nothing is skipped silently.
+`inference_results_dedup` view, or `FINAL`). An insert that fails for a reason
+that may pass (ClickHouse down, the table missing) is retried with backoff while
+the sink keeps polling, so it stays in its group; at `max_buffered_rows` in
+flight the checkpoint pauses its partitions (bounded memory) until inserts land.
+
+No row stops the sink. A message that is not an InferenceResult, or a result the
+table cannot hold (`row_problem`), goes to the dead-letter topic instead of the
+buffer. An insert that fails because of its rows (`rows_at_fault`) is split in
+halves until each bad row is alone: those are dead-lettered, the rest inserted.
+Their offsets commit with the rest. Unlike ClickHouse's Kafka engine, nothing
+is skipped silently.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
+from clickhouse_connect.driver.exceptions import DataError
 from prometheus_client import CollectorRegistry
 
 from consumers.checkpoint import Checkpoint
-from consumers.clickhouse import RESULT_COLUMNS, RESULTS_TABLE, apply_migrations, connect, result_row
+from consumers.clickhouse import (
+    RESULT_COLUMNS, RESULTS_TABLE, apply_migrations, connect, result_partition, result_row, row_problem, rows_at_fault,
+)  # fmt: skip
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import OwnThread, run_until_done
 from consumers.metrics import SinkMetrics, serve_metrics
@@ -43,37 +53,87 @@ from schemas.records import InferenceResult
 log = logging.getLogger(__name__)
 
 
+@dataclass(slots=True, eq=False)  # compared by identity: the buffer forgets the very entries it settled
+class _Entry:
+    tp: TopicPartition
+    message: ConsumerRecord  # kept for the dead letter, should ClickHouse refuse the row
+    row: list
+    day: int  # the row's ClickHouse partition (`result_partition`)
+
+
 class _Buffer:
-    """Rows not yet inserted, with the Kafka coordinates of the result each came from."""
+    """Rows not yet inserted, each with the Kafka message it came from."""
 
     def __init__(self) -> None:
-        self.entries: list[tuple[TopicPartition, int, list]] = []
+        self.entries: list[_Entry] = []
         self.started_at: float | None = None
 
-    def add(self, tp: TopicPartition, offset: int, row: list) -> None:
-        self.entries.append((tp, offset, row))
+    def add(self, entry: _Entry) -> None:
+        self.entries.append(entry)
         if self.started_at is None:
             self.started_at = time.monotonic()
 
     def row_count(self) -> int:
         return len(self.entries)
 
-    def token(self) -> str:
-        """Same batch, same token: what makes a retried insert idempotent."""
-        ranges: dict[TopicPartition, tuple[int, int]] = {}
-        for tp, offset, _ in self.entries:
-            first, last = ranges.get(tp, (offset, offset))
-            ranges[tp] = (min(first, offset), max(last, offset))
-        spans = ",".join(f"{tp.topic}:{tp.partition}:{a}-{b}" for tp, (a, b) in sorted(ranges.items()))
-        return hashlib.sha256(spans.encode()).hexdigest()
+    def remove(self, settled: list[_Entry]) -> None:
+        """Forget entries whose row is inserted or whose dead letter is on its way."""
+        gone = set(settled)
+        self.entries = [entry for entry in self.entries if entry not in gone]
+        if not self.entries:
+            self.started_at = None
+
+    def chunks(self, max_partitions: int) -> list[list[_Entry]]:
+        """The entries as inserts of at most `max_partitions` ClickHouse partitions each, day by day.
+
+        ClickHouse refuses an insert that touches more than max_partitions_per_insert_block partitions (100 by
+        default), and results captured over many days (a backfill, a device with a wrong clock) would otherwise
+        fail every retry. Chunking keeps each insert within the server's limit rather than raising it per
+        insert: the limit guards the server (each partition an insert touches becomes a part of its own), a
+        settings profile may forbid changing it, and the usual batch spans one or two days, so it stays one
+        insert. Each chunk carries its own rows' token, so a retried chunk is as idempotent as a retried batch."""
+        by_day: dict[int, list[_Entry]] = {}
+        for entry in self.entries:
+            by_day.setdefault(entry.day, []).append(entry)
+        days = sorted(by_day)
+        return [
+            [entry for day in days[i : i + max_partitions] for entry in by_day[day]]
+            for i in range(0, len(days), max_partitions)
+        ]
 
     def without(self, tps: set[TopicPartition]) -> _Buffer:
         kept = _Buffer()
         for entry in self.entries:
-            if entry[0] not in tps:
-                kept.add(*entry)
+            if entry.tp not in tps:
+                kept.add(entry)
         kept.started_at = self.started_at if kept.entries else None
         return kept
+
+
+def _token(entries: list[_Entry]) -> str:
+    """Same rows, same token: what makes a retried insert idempotent. Built from each partition's exact offsets,
+    as runs, not from their range: a chunk or a bisected half holds only some offsets of its range, and must not
+    pass for another set of rows with the same range (ClickHouse would drop those as a retry). A contiguous batch gets
+    the token it got when batches were inserted whole."""
+    offsets: dict[TopicPartition, list[int]] = {}
+    for entry in entries:
+        offsets.setdefault(entry.tp, []).append(entry.message.offset)
+    runs = []
+    for tp in sorted(offsets):
+        ordered = sorted(offsets[tp])
+        starts = [o for i, o in enumerate(ordered) if i == 0 or ordered[i - 1] != o - 1]
+        ends = [o for i, o in enumerate(ordered) if i == len(ordered) - 1 or ordered[i + 1] != o + 1]
+        runs += [f"{tp.topic}:{tp.partition}:{a}-{b}" for a, b in zip(starts, ends, strict=True)]
+    return hashlib.sha256(",".join(runs).encode()).hexdigest()
+
+
+def _why_refused(exc: BaseException) -> str:
+    reason = f"ClickHouse cannot take this row: {exc}"
+    if isinstance(exc, DataError) and exc.__cause__ is not None:
+        # The driver's DataError names the column; its cause says what was wrong with the value.
+        cause = exc.__cause__
+        reason += f" ({type(cause).__module__}.{type(cause).__qualname__}: {cause})"
+    return reason
 
 
 class ClickHouseSink:
@@ -100,6 +160,9 @@ class ClickHouseSink:
         self._thread = OwnThread("clickhouse")
         self._client = None
         self._buffer = _Buffer()
+        # The revoke handler's drain runs in aiokafka's coordinator task, beside the main loop's flush: one
+        # insert attempt at a time, so that no row is inserted or dead-lettered twice over.
+        self._inserting = asyncio.Lock()
         self._next_attempt = 0.0
         self._failures_in_row = 0
         self._failure: BaseException | None = None
@@ -143,11 +206,15 @@ class ClickHouseSink:
             for message in messages:
                 self.checkpoint.track(tp, message.offset)
                 try:
-                    row = result_row(self._codec.read(message.value, InferenceResult))
+                    result = self._codec.read(message.value, InferenceResult)
                 except (SchemaError, KeyError, TypeError, ValueError) as exc:
                     await self._outcomes.dead_letter(message, "decode", type(exc).__name__, str(exc))
                     continue
-                self._buffer.add(tp, message.offset, row)
+                problem = row_problem(result)
+                if problem is not None:  # in the buffer it would fail the insert of every row beside it
+                    await self._outcomes.dead_letter(message, "validate", "RowRejected", problem)
+                    continue
+                self._buffer.add(_Entry(tp, message, result_row(result), result_partition(result)))
         self._metrics.buffered_rows.set(self._buffer.row_count())
 
     def _poll_timeout_ms(self) -> int:
@@ -171,31 +238,53 @@ class ClickHouseSink:
         return True
 
     async def _insert_buffer(self) -> bool:
-        buffer = self._buffer
-        if not buffer.entries:
-            return True
-        rows = [row for _, _, row in buffer.entries]
-        started = time.perf_counter()
-        try:
-            await self._thread.call(self._insert, rows, buffer.token())
-        except Exception as exc:  # any failure: the rows stay buffered and unacknowledged
-            self._failures_in_row += 1
-            backoff = min(30.0, self._sink.insert_retry_backoff_ms / 1000 * 2 ** (self._failures_in_row - 1))
-            self._next_attempt = time.monotonic() + backoff
-            self._metrics.insert_failures.inc()
-            log.error("insert of %d rows failed (attempt %d, retry in %.1fs): %s", len(rows), self._failures_in_row,
-                      backoff, exc)  # fmt: skip
-            return False
-        self._metrics.insert_seconds.observe(time.perf_counter() - started)
+        """One attempt to insert the buffer, chunk by chunk. Returns whether all of it is settled: False after
+        a failure that may pass, retried once the backoff allows."""
+        async with self._inserting:
+            for chunk in self._buffer.chunks(self._sink.max_partitions_per_insert):
+                if not await self._insert(chunk):
+                    return False
         self._failures_in_row = 0
-        self._metrics.rows_inserted.inc(len(rows))
-        self._buffer = _Buffer()
-        self._metrics.buffered_rows.set(0)
-        for tp, offset, _ in buffer.entries:
-            self.checkpoint.ack(tp, offset)
+        self._metrics.buffered_rows.set(self._buffer.row_count())
         return True
 
-    def _insert(self, rows: list[list], token: str) -> None:
+    async def _insert(self, entries: list[_Entry]) -> bool:
+        """Insert `entries` and acknowledge them. If ClickHouse refuses them because of their rows, split them
+        in halves until each bad row is alone: it goes to the dead-letter topic, the others go in. Returns False
+        after a failure that may pass; what is not settled by then stays buffered."""
+        rows = [entry.row for entry in entries]
+        started = time.perf_counter()
+        try:
+            await self._thread.call(self._insert_rows, rows, _token(entries))
+        except Exception as exc:
+            if not rows_at_fault(exc):
+                self._back_off(len(rows), exc)
+                return False
+            if len(entries) == 1:
+                await self._outcomes.dead_letter(entries[0].message, "insert", type(exc).__name__, _why_refused(exc))
+                self._buffer.remove(entries)
+                return True
+            log.warning("insert of %d rows refused because of its rows (%s: %s); splitting it to find them",
+                        len(rows), type(exc).__name__, exc)  # fmt: skip
+            half = len(entries) // 2
+            return await self._insert(entries[:half]) and await self._insert(entries[half:])
+        self._metrics.insert_seconds.observe(time.perf_counter() - started)
+        self._metrics.rows_inserted.inc(len(rows))
+        self._buffer.remove(entries)
+        for entry in entries:
+            self.checkpoint.ack(entry.tp, entry.message.offset)
+        return True
+
+    def _back_off(self, rows: int, exc: Exception) -> None:
+        """An insert failed for a reason that may pass: its rows stay buffered and unacknowledged."""
+        self._failures_in_row += 1
+        backoff = min(30.0, self._sink.insert_retry_backoff_ms / 1000 * 2 ** (self._failures_in_row - 1))
+        self._next_attempt = time.monotonic() + backoff
+        self._metrics.insert_failures.inc()
+        log.error("insert of %d rows failed (attempt %d, retry in %.1fs): %s", rows, self._failures_in_row, backoff,
+                  exc)  # fmt: skip
+
+    def _insert_rows(self, rows: list[list], token: str) -> None:
         self._client.insert(
             self._table, rows, column_names=RESULT_COLUMNS, settings={"insert_deduplication_token": token}
         )

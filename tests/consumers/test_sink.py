@@ -1,23 +1,25 @@
 """The ClickHouse sink in this process, against the real broker and the embedded engine:
-a crash between insert and commit, an insert outage, and a result that is not a result."""
+a crash between insert and commit, an insert outage, a result that is not a result, results
+the table cannot hold, and a batch spanning more days than one insert may."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 import uuid
 from collections.abc import Callable
 
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from consumers.clickhouse import connect
+from consumers.clickhouse import apply_migrations, connect
 from consumers.kafka import make_consumer, make_producer
 from consumers.metrics import SinkMetrics
-from consumers.sink import ClickHouseSink
+from consumers.sink import ClickHouseSink, _Entry, _token
 from schemas.codec import Codec
-from schemas.records import DeadLetter
+from schemas.records import DeadLetter, InferenceResult
 from streams.settings import SluiceSettings
 from tests.records import make_result
 
@@ -31,13 +33,20 @@ def sink_settings(settings: SluiceSettings, chdb_dsn: str) -> SluiceSettings:
     return settings.model_copy(update={"clickhouse": ch, "sink": sink})
 
 
+def _results(n: int = N) -> list[InferenceResult]:
+    return [make_result(i, device_id=f"cam-{i % 3}", partition=i % 2) for i in range(n)]
+
+
 async def _produce_results(settings: SluiceSettings, garbage: bool = False) -> None:
+    await _produce(settings, _results(), garbage)
+
+
+async def _produce(settings: SluiceSettings, results: list[InferenceResult], garbage: bool = False) -> None:
     codec = Codec()
     producer = make_producer(settings.kafka, "test")
     await producer.start()
     try:
-        for i in range(N):
-            result = make_result(i, device_id=f"cam-{i % 3}", partition=i % 2)
+        for result in results:
             await producer.send(settings.kafka.topics.results, codec.write(result), key=b"k")
         if garbage:
             await producer.send(settings.kafka.topics.results, b"\x00\x00\x00\x00\x07not a result", key=b"k")
@@ -87,6 +96,36 @@ async def _committed(settings: SluiceSettings) -> int:
         return total
     finally:
         await consumer.stop()
+
+
+async def _dead_letters(settings: SluiceSettings) -> list[DeadLetter]:
+    """Every dead letter on this test's topic, read to its end."""
+    consumer = make_consumer(settings.kafka, None, role="test-dlq")
+    await consumer.start()
+    try:
+        topics = settings.kafka.topics
+        tps = [TopicPartition(topics.dead_letters, p) for p in range(topics.dead_letters_partitions)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        messages = []
+        deadline = time.monotonic() + 10
+        for tp in tps:
+            while await consumer.position(tp) < ends[tp]:
+                assert time.monotonic() < deadline, "the dead letters could not be read back"
+                messages += [m for batch in (await consumer.getmany(tp, timeout_ms=500)).values() for m in batch]
+    finally:
+        await consumer.stop()
+    return [Codec().read(m.value, DeadLetter) for m in messages]
+
+
+def _offset_of(letter: DeadLetter) -> int:
+    """The input offset of the result a dead letter carries (its own offset is the results topic's)."""
+    return Codec().read(letter.value, InferenceResult).source_offset
+
+
+def _failures(registry: CollectorRegistry) -> float:
+    return registry.get_sample_value("sluice_sink_insert_failures_total") or 0
 
 
 class CrashesBeforeCommit(ClickHouseSink):
@@ -150,14 +189,105 @@ async def test_a_message_that_is_not_a_result_is_dead_lettered_and_committed(sin
     await _run_sink(sink_settings, lambda r: _rows(r) >= N)
     assert _count(sink_settings, final=True) == N
     assert await _committed(sink_settings) == N + 1, "the garbage message's offset is committed too"
-    consumer = make_consumer(sink_settings.kafka, None, role="test-dlq")
-    await consumer.start()
-    try:
-        tps = [TopicPartition(sink_settings.kafka.topics.dead_letters, p) for p in range(2)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        letters = [m for batch in (await consumer.getmany(timeout_ms=2000)).values() for m in batch]
-    finally:
-        await consumer.stop()
-    (letter,) = [Codec().read(m.value, DeadLetter) for m in letters]
+    (letter,) = await _dead_letters(sink_settings)
     assert letter.component == "sink" and "unknown schema id" in letter.reason
+
+
+async def test_results_the_table_cannot_hold_are_dead_lettered_and_the_rest_inserted(
+    sink_settings: SluiceSettings,
+) -> None:
+    """seq = -1 is valid Avro (a device without the SDK sent it) but no UInt64: before, its batch failed
+    every retry and nothing behind it was ever committed."""
+    bad = {0, 7, 150, 299}
+    results = _results()
+    for i in bad:
+        results[i].seq = -1
+    await _produce(sink_settings, results)
+    registry = await _run_sink(sink_settings, lambda r: _rows(r) >= N - len(bad))
+    assert _rows(registry) == N - len(bad)
+    assert _count(sink_settings, final=True) == N - len(bad)
+    assert await _committed(sink_settings) == N, "the dead-lettered offsets are committed with the rest"
+    letters = await _dead_letters(sink_settings)
+    assert sorted(_offset_of(letter) for letter in letters) == sorted(bad)
+    for letter in letters:
+        assert (letter.stage, letter.error_type, letter.component) == ("validate", "RowRejected", "sink")
+        assert letter.reason.startswith("seq is -1") and "UInt64" in letter.reason
+    assert _failures(registry) == 0, "no insert carried a bad row"
+
+
+async def test_a_batch_spanning_400_days_is_inserted_in_chunks(sink_settings: SluiceSettings) -> None:
+    """The table is partitioned by day, and ClickHouse refuses an insert into more than 100 partitions:
+    the sink inserts such a batch in chunks of at most 100 days."""
+    days = 400
+    results = _results(days)
+    for day, result in enumerate(results):
+        result.capture_time_us += day * 86_400_000_000
+    await _produce(sink_settings, results)
+    # One batch: every result is polled before the first flush is due.
+    one_batch = sink_settings.sink.model_copy(update={"flush_interval_ms": 3_000})
+    registry = await _run_sink(sink_settings.model_copy(update={"sink": one_batch}), lambda r: _rows(r) >= days)
+    assert _rows(registry) == days
+    assert _count(sink_settings, final=True) == days
+    client = connect(sink_settings.clickhouse.dsn)
+    table = f"{sink_settings.clickhouse.database}.inference_results"
+    assert int(client.command(f"SELECT uniqExact(_partition_id) FROM {table}")) == days
+    assert await _committed(sink_settings) == days
+    assert _failures(registry) == 0, "no insert went over the partition limit"
+    assert (registry.get_sample_value("sluice_sink_insert_seconds_count") or 0) >= days / 100
+
+
+async def test_a_row_the_driver_cannot_serialize_is_found_by_bisection(
+    sink_settings: SluiceSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row that passes `row_problem` yet fails its insert (here: row_problem is switched off) must not
+    hold the others back: the batch is split until the row is alone, dead-lettered, and the rest inserted."""
+    monkeypatch.setattr("consumers.sink.row_problem", lambda result: None)
+    results = _results()
+    results[123].seq = -1
+    await _produce(sink_settings, results)
+    registry = await _run_sink(sink_settings, lambda r: _rows(r) >= N - 1)
+    assert _rows(registry) == N - 1
+    assert _count(sink_settings, final=True) == N - 1
+    assert await _committed(sink_settings) == N
+    (letter,) = await _dead_letters(sink_settings)
+    assert _offset_of(letter) == 123
+    assert (letter.stage, letter.error_type) == ("insert", "DataError")
+    assert "column `seq`" in letter.reason and "out of range" in letter.reason
+    assert _failures(registry) == 0, "a refused row is not retried"
+
+
+async def test_a_row_the_server_refuses_is_found_by_bisection(sink_settings: SluiceSettings) -> None:
+    """The same for a refusal by ClickHouse itself: a CHECK constraint (a later migration could add one)."""
+    client = connect(sink_settings.clickhouse.dsn)
+    db = sink_settings.clickhouse.database
+    apply_migrations(client, sink_settings.clickhouse.migrations_dir, db)
+    client.command(f"ALTER TABLE {db}.inference_results ADD CONSTRAINT plausible_seq CHECK seq < 1000000000")
+    results = _results()
+    results[42].seq = 10**12
+    await _produce(sink_settings, results)
+    registry = await _run_sink(sink_settings, lambda r: _rows(r) >= N - 1)
+    assert _count(sink_settings, final=True) == N - 1
+    assert await _committed(sink_settings) == N
+    (letter,) = await _dead_letters(sink_settings)
+    assert _offset_of(letter) == 42
+    assert (letter.stage, letter.error_type) == ("insert", "DatabaseError")
+    assert "VIOLATED_CONSTRAINT" in letter.reason
+    assert _failures(registry) == 0
+
+
+def _entries(offsets: list[int], partition: int = 0) -> list[_Entry]:
+    tp = TopicPartition("results", partition)
+    return [
+        _Entry(tp, ConsumerRecord("results", partition, o, 0, 0, None, b"", None, 0, 0, ()), [], 0) for o in offsets
+    ]
+
+
+def test_an_insert_token_names_exactly_its_rows() -> None:
+    whole = _entries(list(range(10)))
+    assert _token(whole) == hashlib.sha256(b"results:0:0-9").hexdigest(), "a whole batch keeps its token"
+    assert _token(list(reversed(whole))) == _token(whole), "a retried chunk gets the same token"
+    # A chunk of some days holds some offsets of a range: another set with the same range is other rows.
+    assert _token(_entries([0, 9])) != _token(_entries([0, 4, 9]))
+    assert _token(_entries([0, 1, 5]) + _entries([3], partition=1)) == hashlib.sha256(
+        b"results:0:0-1,results:0:5-5,results:1:3-3"
+    ).hexdigest()
