@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.batching import Batcher, Polled
 from consumers.checkpoint import Checkpoint
+from consumers.clickhouse import row_problem
 from consumers.decode import DecodedInput, InvalidInput, decoder_for
 from consumers.engine_runner import EngineRunner
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
@@ -204,6 +205,10 @@ class ModalityPipeline:
             item.record, self.modality.symbol, polled.source, self.spec.name, self.spec.version,
             [LabelScore(self.spec.labels[i], float(probabilities[i])) for i in top], latency, self._worker_id,
         )  # fmt: skip
+        problem = row_problem(result)
+        if problem is not None:  # the sink could never store it: say so now, at the source
+            await self._dead_letter(polled, "validate", "RowRejected", problem)
+            return
         capture_time_us = result.capture_time_us
 
         def delivered() -> None:

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.kafka import make_consumer
-from schemas.codec import Codec
+from schemas.codec import Codec, SchemaError
 from schemas.records import Alert, DeadLetter, InferenceResult, Record, Source
 from schemas.topics import modality
 from streams.settings import SluiceSettings
@@ -40,6 +40,7 @@ class Observed:
     results: list[InferenceResult] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    undecodable: list[Source] = field(default_factory=list)  # messages on the output topics that are not Sluice's
     e2e_ms: list[float] = field(default_factory=list)
     first_result_at: float | None = None
     last_result_at: float | None = None
@@ -102,7 +103,11 @@ class OutputObserver:
             for tp, messages in batches.items():
                 kind = self._kinds[tp.topic]
                 for message in messages:
-                    record = self._codec.read(message.value, kind)
+                    try:
+                        record = self._codec.read(message.value, kind)
+                    except SchemaError:  # a foreign message on an output topic: the sink dead-letters it
+                        observed.undecodable.append(Source(message.topic, message.partition, message.offset))
+                        continue
                     if isinstance(record, InferenceResult):
                         observed.results.append(record)
                         observed.e2e_ms.append((now_us - record.capture_time_us) / 1000)
