@@ -154,6 +154,7 @@ def faust_broker_options(kafka: KafkaSettings, role: str) -> dict[str, Any]:
         "broker_rebalance_timeout": kafka.rebalance_timeout_ms / 1000,
         "broker_max_poll_interval": kafka.max_poll_interval_ms / 1000,
         "consumer_auto_offset_reset": "earliest",
+        "consumer_max_fetch_size": kafka.max_partition_fetch_bytes,
         "producer_acks": -1 if kafka.acks == "all" else int(kafka.acks),
         "producer_linger_ms": kafka.linger_ms,
         "producer_compression_type": kafka.compression_type,

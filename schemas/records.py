@@ -177,7 +177,7 @@ class DeadLetter(Record):
     source_offset: int
     key: bytes | None
     value: bytes | None
-    stage: str  # decode | validate | infer | result
+    stage: str  # decode | validate | infer | result | insert | notify
     error_type: str
     reason: str  # a sentence a human can act on
     component: str  # which process, e.g. worker-frame@host:pid

@@ -9,16 +9,24 @@ set" and "alert produced" loses nothing, and consumers deduplicate on alert_id.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from schemas.errors import ConfigError
 from schemas.records import Alert, InferenceResult, alert_for
 from schemas.topics import MODALITY_NAMES, modality
+
+log = logging.getLogger(__name__)
 
 
 class Rule(BaseModel):
@@ -70,13 +78,53 @@ return 0
 """
 
 
+# Failures of Redis rather than of the command, which the same command outlives: Redis down, unreachable or too
+# slow (connection errors include a server still loading its data, and a refused login, which its fix ends), a
+# replica answering while a failover promotes it, a full Redis (our keys expire). Any other error is about this
+# one command, and the notifier dead-letters its result.
+_UNAVAILABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError)
+_FIRST_RETRY_S = 0.1
+
+
 class CooldownStore:
-    def __init__(self, redis: Redis, prefix: str = "sluice:cooldown") -> None:
+    def __init__(
+        self, redis: Redis, prefix: str = "sluice:cooldown", retry_max_s: float = 5.0,
+        on_reachable: Callable[[bool], None] | None = None,
+    ) -> None:  # fmt: skip
+        """`on_reachable(up)` hears whether each command reached Redis (the notifier's redis_up gauge)."""
         self._redis = redis
         self._prefix = prefix
         self._acquire = redis.register_script(_ACQUIRE)
+        self._retry_max_s = retry_max_s
+        self._on_reachable = on_reachable or (lambda up: None)
 
     async def acquire(self, rule: Rule, device_id: str, alert: str) -> bool:
-        """Whether `alert` may be emitted: no cooldown for (rule, device), or one opened by this same alert."""
+        """Whether `alert` may be emitted: no cooldown for (rule, device), or one opened by this same alert.
+        Waits, retrying, for as long as Redis cannot answer."""
         key = f"{self._prefix}:{rule.name}:{device_id}"
-        return bool(await self._acquire(keys=[key], args=[alert, int(rule.cooldown_s * 1000)]))
+        delay, failures = _FIRST_RETRY_S, 0
+        while True:
+            try:
+                acquired = bool(await self._acquire(keys=[key], args=[alert, int(rule.cooldown_s * 1000)]))
+            except _UNAVAILABLE as exc:
+                self._on_reachable(False)
+                failures += 1
+                log.warning("cooldown %s not taken, Redis cannot answer (%s: %s); retrying in %.1fs", key,
+                            type(exc).__name__, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._retry_max_s)
+                continue
+            self._on_reachable(True)
+            if failures:
+                log.info("cooldown %s answered after %d failed attempts: Redis is back", key, failures)
+            return acquired
+
+    async def probe(self) -> None:
+        """Ping Redis once and report whether it answered, so that the gauge follows Redis while no result
+        waits on it."""
+        try:
+            await self._redis.ping()
+        except _UNAVAILABLE:
+            self._on_reachable(False)
+        else:
+            self._on_reachable(True)

@@ -84,6 +84,7 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "sluice_sink_insert_failures_total": ("counter", frozenset()),
     "sluice_notifier_alerts_total": ("counter", frozenset({"rule"})),
     "sluice_notifier_suppressed_total": ("counter", frozenset({"rule"})),
+    "sluice_notifier_redis_up": ("gauge", frozenset()),
 }
 # Labels Prometheus attaches at scrape time (job/instance) or our relabelling adds.
 TARGET_LABELS = {"job", "instance", "service"}
