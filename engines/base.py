@@ -1,23 +1,34 @@
-"""The engine interface every backend implements (ONNX Runtime now; torch and TensorRT next).
+"""The engine interface every backend implements: ONNX Runtime, torch and TensorRT.
 
-An engine takes one contiguous batch shaped `[N, *spec.input.shape]` with the
-input's dtype and returns class probabilities `[N, len(spec.labels)]` as float32.
-`infer` is blocking and is called from one worker thread at a time, so a backend
-may keep per-session state (streams, pinned buffers) without locks.
+An engine takes one contiguous batch shaped `[N, *input.shape]` with the input's
+dtype (the batch axis is dynamic) and returns class probabilities
+`[N, *output.shape]` as float32; `input` and `output` are the model's declared
+tensors (`ModelSpec`). `infer` is blocking and is called from one worker thread
+at a time, so a backend may keep per-session state (streams, pinned buffers,
+CUDA graphs) without locks.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Literal, Self
 
 import numpy as np
 
-from engines.repository import ModelSpec
+from engines.repository import ModelSpec, TensorSpec
 from schemas.errors import SluiceError
+
+Device = Literal["cpu", "cuda"]
 
 
 class EngineError(SluiceError, RuntimeError):
     """The engine failed on a batch. The worker retries the items one by one to find a poison input."""
+
+
+class EngineUnavailable(SluiceError, RuntimeError):
+    """The engine or device asked for cannot run on this host: its package is not installed, or there is no GPU."""
 
 
 class Engine(ABC):
@@ -26,16 +37,52 @@ class Engine(ABC):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
 
+    @property
+    def input(self) -> TensorSpec:
+        return self.spec.input
+
+    @property
+    def output(self) -> TensorSpec:
+        return self.spec.output
+
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
 
-    def warmup(self, max_batch_size: int) -> None:
-        """Run every batch size once before taking traffic: the first call at a new
-        size can stall (Triton #7776), and that stall would land in a p99."""
-        item = np.zeros(self.spec.input.shape, dtype=self.spec.input.dtype)
-        for size in range(1, max_batch_size + 1):
-            self.infer(np.broadcast_to(item, (size, *item.shape)).copy())
+    def warmup(self, sizes: Iterable[int] | int) -> None:
+        """Run every batch size in `sizes` once before taking traffic: the first call at a new size can
+        stall (Triton #7776), and that stall would land in a p99. An int n means every size 1..n, what a
+        worker that does not pad sends. Engines with fixed shapes pad a size to its bucket, so warming
+        a size prepares its bucket. Largest first, so that buckets prepared later can reuse its memory."""
+        wanted = range(1, sizes + 1) if isinstance(sizes, int) else sizes
+        for size in sorted(set(wanted), reverse=True):
+            self.infer(self.blank(size))
+
+    def blank(self, size: int) -> np.ndarray:
+        """An all-zero batch of `size` items: what warm-up runs."""
+        return np.zeros((size, *self.input.shape), dtype=self.input.dtype)
 
     @abstractmethod
     def close(self) -> None:
-        """Release the engine's memory. Idempotent."""
+        """Release everything the engine holds, host and device memory alike. Idempotent; `infer` then raises."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _closed(self) -> EngineError:
+        return EngineError(f"the {self.kind} engine of {self.spec.name} v{self.spec.version} is closed")
+
+    def _checked(self, batch: np.ndarray) -> np.ndarray:
+        """`batch` as a contiguous array, once it is known to match the declared input: a backend given
+        another dtype may cast silently (torch) or fail deep inside with an unrelated message."""
+        shape = tuple(self.input.shape)
+        if batch.dtype != np.dtype(self.input.dtype) or batch.shape[1:] != shape or len(batch) == 0:
+            raise EngineError(
+                f"{self.spec.name} takes [N>=1, {', '.join(map(str, shape))}] {self.input.dtype}, "
+                f"not {list(batch.shape)} {batch.dtype}"
+            )
+        return np.ascontiguousarray(batch)

@@ -12,8 +12,13 @@ BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
 
 
 class EngineSettings(BaseModel):
-    kind: Literal["onnxruntime"] = "onnxruntime"
-    # ONNX Runtime threads per session; each modality has its own session.
+    # "auto": the engine each model's config.json names (onnxruntime for the bundled models).
+    kind: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    # Where the engines run; "cuda" needs a GPU and the engine's GPU package (see pyproject's extras).
+    device: Literal["cpu", "cuda"] = "cpu"
+    # "auto": the precision each model's config.json names (fp32 for the bundled models).
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    # CPU threads per engine: ONNX Runtime's per session; torch's are per process, so the last engine loaded sets them.
     intra_op_threads: int = 1
     model_repository: Path = BUNDLED_MODELS
     # One model per modality: `<modality>_model` and `<modality>_model_version` (None: the highest version).
