@@ -44,6 +44,9 @@ class Observed:
     e2e_ms: list[float] = field(default_factory=list)
     first_result_at: float | None = None
     last_result_at: float | None = None
+    # One past the highest offset read from each output partition: where a consumer group of the results topic
+    # must have committed to have seen everything read here (the broker's reported end offsets can fall short).
+    ends: dict[TopicPartition, int] = field(default_factory=dict)
 
     def sources(self) -> list[Source]:
         """The input (topic, partition, offset) of each result, duplicates included."""
@@ -51,6 +54,9 @@ class Observed:
 
     def unique_sources(self) -> set[Source]:
         return set(self.sources())
+
+    def topic_ends(self, topic: str) -> dict[TopicPartition, int]:
+        return {tp: end for tp, end in self.ends.items() if tp.topic == topic}
 
     def accuracy(self, modality_name: str) -> float | None:
         """Top-1 accuracy over distinct inputs of a modality that carry ground truth."""
@@ -102,6 +108,8 @@ class OutputObserver:
             now_us = time.time_ns() // 1000
             for tp, messages in batches.items():
                 kind = self._kinds[tp.topic]
+                if messages:
+                    observed.ends[tp] = max(observed.ends.get(tp, 0), messages[-1].offset + 1)
                 for message in messages:
                     try:
                         record = self._codec.read(message.value, kind)
