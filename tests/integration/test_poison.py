@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from consumers.kafka import make_producer
 from producers.synth import CameraScene
 from schemas.codec import Codec
 from schemas.records import AudioChunk, FrameChunk, Source
-from streams.local.harness import Components, publish_audio, publish_frames
+from streams.local.harness import Components, RssSampler, publish_audio, publish_frames
 from streams.local.observer import OutputObserver, percentiles
 from streams.settings import SluiceSettings
 from tests.records import make_result
@@ -96,20 +96,6 @@ def poison_kinds(codec: Codec) -> dict[str, tuple[str, bytes | None, bytes | Non
     return kinds
 
 
-@dataclass
-class Sampled:
-    rss_mb: dict[str, float] = field(default_factory=dict)  # process name -> max RSS seen
-
-    def sample(self, components: Components) -> None:
-        for process in components.started:
-            try:
-                status = open(f"/proc/{process.pid}/status").read()
-            except FileNotFoundError:
-                continue
-            kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
-            self.rss_mb[process.name] = max(self.rss_mb.get(process.name, 0.0), kb / 1024)
-
-
 async def _publish_poison(settings: SluiceSettings) -> dict[Source, str]:
     """Publish every kind; return where each landed and what it is."""
     codec = Codec()
@@ -150,7 +136,6 @@ def test_poison_at_volume_is_dead_lettered_and_stops_nothing(settings: SluiceSet
     sink = components.start("sink", ["sink"])
     notifier = components.start("notifier", ["notifier"])
     pids = {p.name: p.pid for p in (worker, sink, notifier)}
-    sampled = Sampled()
 
     async def scenario() -> tuple[dict[Source, str], set[Source], OutputObserver]:
         observer = OutputObserver(settings)
@@ -161,7 +146,6 @@ def test_poison_at_volume_is_dead_lettered_and_stops_nothing(settings: SluiceSet
             poison = await poison_task
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline:
-                sampled.sample(components)
                 o = observer.observed
                 if len(o.unique_sources() & good) >= len(good) and len({d.source for d in o.dead_letters}) >= len(poison):
                     break
@@ -171,7 +155,8 @@ def test_poison_at_volume_is_dead_lettered_and_stops_nothing(settings: SluiceSet
         finally:
             await observer.stop()
 
-    poison, good, observer = asyncio.run(scenario())
+    with RssSampler(components) as sampled:
+        poison, good, observer = asyncio.run(scenario())
     observed = observer.observed
     letters: dict[Source, list] = {}  # a bad result is dead-lettered by the sink and by the notifier alike
     for letter in observed.dead_letters:
@@ -183,7 +168,7 @@ def test_poison_at_volume_is_dead_lettered_and_stops_nothing(settings: SluiceSet
         if source in letters:
             by_kind[kind] = by_kind.get(kind, 0) + 1
     print(f"poison={len(poison)} dead_lettered={len(set(poison) & set(letters))} good={len(good)} "
-          f"good_results={len({r.source for r in good_results})} rss_mb={sampled.rss_mb} "
+          f"good_results={len({r.source for r in good_results})} rss_mb={sampled.peaks()} "
           f"good_capture_to_result_ms={latency} by_kind={by_kind}")  # fmt: skip
 
     assert len(poison) == POISON
@@ -196,4 +181,4 @@ def test_poison_at_volume_is_dead_lettered_and_stops_nothing(settings: SluiceSet
     assert {r.source for r in good_results} == good, "good traffic is unaffected"
     assert not set(letters) & good, "no good input was dead-lettered"
     assert {p.name: p.pid for p in components.started if p.alive()} == pids, "no process died or restarted"
-    assert sampled.rss_mb["worker"] < RSS_BOUND_MB
+    assert sampled.peak("worker") < RSS_BOUND_MB
