@@ -1,6 +1,11 @@
-"""Example records for tests: one factory, so a schema change is made once here, not in each test file."""
+"""Example records and payloads for tests: one factory each, so a change is made once here, not in each test file."""
 
 from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
 
 from schemas.records import InferenceResult, LabelScore, LatencyBreakdown
 
@@ -20,3 +25,17 @@ def make_result(
         latency=LatencyBreakdown(queue_ms=1.0, batch_wait_ms=2.0, decode_ms=0.5, inference_ms=3.0, batch_size=4),
         worker_id="w", result_time_us=BASE_TIME_US + 100_000 + offset,
     )  # fmt: skip
+
+
+def jpeg(width: int, height: int) -> bytes:
+    """A plain grey JPEG of that size."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def declaring(jpeg_bytes: bytes, width: int, height: int) -> bytes:
+    """The same JPEG with its frame header (SOF0) rewritten to declare other dimensions: a decompression
+    bomb in a few hundred bytes."""
+    sof = jpeg_bytes.index(b"\xff\xc0")
+    return jpeg_bytes[: sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg_bytes[sof + 9 :]

@@ -9,6 +9,7 @@ from engines.repository import ModelRepository
 from engines.settings import EngineSettings
 from schemas.codec import Codec
 from schemas.records import AudioChunk, FrameChunk
+from tests.records import declaring, jpeg
 
 REPOSITORY = ModelRepository(EngineSettings().model_repository)
 
@@ -109,24 +110,12 @@ def test_unusable_audio_raises_with_a_reason(
         AudioDecoder(REPOSITORY.resolve("audio_classifier"), codec).decode(value)
 
 
-def _jpeg(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _declaring(jpeg: bytes, width: int, height: int) -> bytes:
-    """The same JPEG with its frame header (SOF0) rewritten to declare other dimensions."""
-    sof = jpeg.index(b"\xff\xc0")
-    return jpeg[: sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[sof + 9 :]
-
-
 @pytest.mark.parametrize(
     ("overrides", "stage", "reason"),
     [
         # 10000x10000 declared in a few hundred bytes: refused from the header, before any pixel is decoded.
-        ({"encoding": "JPEG", "data": _declaring(_jpeg(16, 16), 10_000, 10_000)}, "validate", "over the limit"),
-        ({"encoding": "JPEG", "data": _jpeg(64, 64)[:-200]}, "decode", "truncated"),
+        ({"encoding": "JPEG", "data": declaring(jpeg(16, 16), 10_000, 10_000)}, "validate", "over the limit"),
+        ({"encoding": "JPEG", "data": jpeg(64, 64)[:-200]}, "decode", "truncated"),
         ({"height": 5000, "width": 5000, "data": b""}, "validate", "over the limit"),
         ({"height": -2, "width": 4, "data": b""}, "validate", "positive sides"),
         ({"device_id": "cam\n7"}, "validate", "device_id"),

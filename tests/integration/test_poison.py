@@ -8,13 +8,11 @@ Good inputs include valid frames with a null and with an empty key: a key is opt
 from __future__ import annotations
 
 import asyncio
-import io
 import time
 from dataclasses import replace
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from consumers.kafka import make_producer
 from producers.synth import CameraScene
@@ -23,7 +21,7 @@ from schemas.records import AudioChunk, FrameChunk, Source
 from streams.local.harness import Components, RssSampler, publish_audio, publish_frames
 from streams.local.observer import OutputObserver, percentiles
 from streams.settings import SluiceSettings
-from tests.records import make_result
+from tests.records import declaring, jpeg, make_result
 
 pytestmark = pytest.mark.slow
 
@@ -49,17 +47,6 @@ def _audio(**overrides: object) -> AudioChunk:
     return record
 
 
-def _jpeg(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((height, width, 3), 90, dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _declaring(jpeg: bytes, width: int, height: int) -> bytes:
-    sof = jpeg.index(b"\xff\xc0")
-    return jpeg[: sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[sof + 9 :]
-
-
 def poison_kinds(codec: Codec) -> dict[str, tuple[str, bytes | None, bytes | None, int]]:
     """kind -> (topic name field, key, value, copies). Cheap kinds are repeated to make up the volume."""
     good = codec.write(_frame())
@@ -74,8 +61,8 @@ def poison_kinds(codec: Codec) -> dict[str, tuple[str, bytes | None, bytes | Non
         "invalid device id": ("frames", b"cam-p", codec.write(_frame(device_id="cam\n7")), 0),
         "negative seq": ("frames", b"cam-p", codec.write(_frame(seq=-1)), 0),
         "capture time in year 2500": ("frames", b"cam-p", codec.write(_frame(capture_time_us=16_725_225_600 * 10**6)), 0),
-        "truncated jpeg": ("frames", b"cam-p", codec.write(_frame(encoding="JPEG", data=_jpeg(64, 64)[:-300])), 0),
-        "jpeg bomb": ("frames", b"cam-p", codec.write(_frame(encoding="JPEG", data=_declaring(_jpeg(16, 16), 30_000,
+        "truncated jpeg": ("frames", b"cam-p", codec.write(_frame(encoding="JPEG", data=jpeg(64, 64)[:-300])), 0),
+        "jpeg bomb": ("frames", b"cam-p", codec.write(_frame(encoding="JPEG", data=declaring(jpeg(16, 16), 30_000,
                                                                                              30_000))), 20),  # fmt: skip
         "oversized payload": ("frames", b"cam-p", codec.write(_frame(data=bytes(3_900_000))), 5),
         "empty value": ("frames", b"cam-p", b"", 0),
