@@ -28,7 +28,9 @@ import dataclasses
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -184,6 +186,9 @@ def create_app(
         **faust_broker_options(kafka, role="notifier"),
         broker_commit_interval=0.5,
         store="memory://",
+        # Faust creates a data directory even with the memory store and no tables; nothing durable lives
+        # there, so it goes to the temp directory rather than into whatever directory the process runs in.
+        datadir=Path(tempfile.gettempdir()) / f"{settings.app_id}-data",
         topic_disable_leader=True,  # no tables, no leader election topic to create
         web_enabled=False,  # metrics are served by prometheus_client below
         value_serializer="raw",
