@@ -54,6 +54,7 @@ class EngineRunner:
                 raise EngineBroken(f"engine {self.engine.kind} fails on a blank input too: {exc}") from exc
         return rows
 
-    def close(self) -> None:
-        """Stop the thread; the engine itself belongs to whoever loaded it."""
-        self._thread.close()
+    def close(self, wait: bool = False) -> None:
+        """Stop the thread (`wait`: until its call in progress returns); the engine itself belongs to
+        whoever loaded it."""
+        self._thread.close(wait=wait)

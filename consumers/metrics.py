@@ -29,6 +29,18 @@ class WorkerMetrics:
         self.inflight = Gauge("sluice_worker_inflight_messages", "Polled, not yet safe", ["modality"], registry=registry)
         self.paused = Gauge("sluice_worker_paused", "1 while over the in-flight budget", ["modality"], registry=registry)
         self.commits = Counter("sluice_worker_commits", "Offset commits", ["modality"], registry=registry)
+        self.model_version = Gauge(
+            "sluice_worker_model_version", "The model version playing each role (active, canary, shadow)",
+            ["modality", "model", "role"], registry=registry,
+        )
+        self.model_swaps = Counter(
+            "sluice_worker_model_swaps", "Model plan changes applied (ok) or refused (failed)", ["modality", "outcome"],
+            registry=registry,
+        )
+        self.shadow_results = Counter(
+            "sluice_worker_shadow_results", "Shadow results sent (ok) or lost (failed); at most once",
+            ["modality", "outcome"], registry=registry,
+        )
 
 
 class SinkMetrics:

@@ -1,4 +1,4 @@
-"""The worker, sink and ClickHouse sections of the settings (`SLUICE_WORKER__<KNOB>`, ...)."""
+"""The worker, sink, ClickHouse and Redis sections of the settings (`SLUICE_WORKER__<KNOB>`, ...)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ class WorkerSettings(BaseModel):
     delivery_retry_s: float = 120.0
     # How long a revoke or a stop waits for in-flight results before giving the partitions up uncommitted.
     drain_timeout_s: float = 10.0
+    # Threads decoding inputs beside the event loop and the engine (JPEG decode releases the GIL).
+    # None: sized from the machine's cores (`consumers.decode.decode_threads`).
+    decode_threads: int | None = None
+    # The model plans in Redis (`sluice models activate`) reach a worker by a notice at once; it also
+    # re-reads them this often, in case a notice was missed while Redis or the worker was away.
+    model_poll_s: float = 5.0
     metrics_port: int | None = None
 
     def group_id(self, modality: str) -> str:
@@ -64,3 +70,17 @@ class SinkSettings(BaseModel):
     # How long a stopping sink keeps retrying its last insert before leaving the rows to be re-read.
     drain_timeout_s: float = 10.0
     metrics_port: int | None = None
+
+
+class RedisSettings(BaseModel):
+    url: str = "redis://127.0.0.1:6379/0"
+    # Prefix of the model plans' keys and notice channel (`<namespace>:models:...`): one per deployment
+    # sharing a Redis.
+    namespace: str = "sluice"
+    # A Redis that stops answering (a partition, a hung host) counts as unreachable after this long,
+    # for connecting and for each command, rather than holding the notifier or a worker's model watch
+    # until TCP gives up.
+    timeout_s: float = 2.0
+    # While Redis cannot answer, a cooldown command is retried after 0.1 s, then after twice as long
+    # each time, up to this: a long outage costs one attempt (and one logged failure) per this long.
+    retry_max_s: float = 5.0

@@ -12,6 +12,11 @@ its own consumer group (`<group_prefix>-<modality>`) and three tasks:
   (`engine_runner.py`), and publishes one result per input, or a dead letter for
   an input that cannot be used (`outcomes.py`).
 - commit: every commit interval, the checkpoint commits the acknowledged prefix.
+- models (when Redis holds model plans): follows the model's plan, loading and
+  warming a new version beside the serving one and swapping between two batches
+  (`model_swap.py`). A batch runs on one serving set: the active version, a
+  canary for the devices its share hashes to, and a shadow on sampled batches
+  whose results go to the shadow topic only.
 
 The commit order and the rebalance handling are `checkpoint.py`'s, shared with the sink.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -37,12 +43,14 @@ from consumers.engine_runner import EngineRunner
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import run_until_done
 from consumers.metrics import WorkerMetrics, serve_metrics
+from consumers.model_control import ModelControl, canary_bucket
+from consumers.model_swap import ModelSwap, PlanWatch, ServingSet, VersionLoader
 from consumers.outcomes import Outcomes
 from consumers.settings import WorkerSettings
-from engines import Engine
+from engines import Engine, ModelNotFound, ModelSpec
 from schemas.codec import Codec
 from schemas.errors import SluiceError
-from schemas.records import LabelScore, LatencyBreakdown, result_for
+from schemas.records import InferenceResult, LabelScore, LatencyBreakdown, result_for
 from schemas.topics import modality
 
 log = logging.getLogger(__name__)
@@ -63,14 +71,29 @@ class ModalityPipeline:
         producer: AIOKafkaProducer,
         metrics: WorkerMetrics,
         worker_id: str,
+        control: ModelControl | None = None,
+        load: VersionLoader | None = None,
     ) -> None:
+        """`control` and `load` (a version number -> its engine) make the pipeline follow its model's plan in
+        Redis; without them it serves `engine` alone."""
         self.spec = engine.spec
         self.modality = modality(self.spec.modality)
         self.name = self.modality.name
         self._settings = settings
         self._topic = self.modality.input_topic(kafka.topics)
         self._results_topic = kafka.topics.results
-        self._runner = EngineRunner(engine)
+        self._shadow_topic = kafka.topics.shadow_results
+        self._producer = producer
+        self._codec = codec
+        # Held by a batch from its first inference to its last result, and by a swap: a batch runs on one set.
+        self._batch_lock = asyncio.Lock()
+        self.models = ModelSwap(engine, load or _fixed(engine), settings.max_batch_size, self._batch_lock)
+        self._watch = (
+            PlanWatch(control, self.models, worker_id, self.name, settings.model_poll_s, self._applied)
+            if control is not None and load is not None else None
+        )  # fmt: skip
+        self._sampler = random.Random()
+        self._shown_roles: set[str] = set()
         self._metrics = metrics
         self._worker_id = worker_id
         self._decoder = decoder_for(self.spec, codec, settings.max_frame_pixels)
@@ -91,10 +114,26 @@ class ModalityPipeline:
 
     async def warmup(self) -> None:
         """Every batch size once, before joining: no partition waits on a cold engine (Triton #7776)."""
-        await self._runner.warmup(self._settings.max_batch_size)
+        await self.models.warmup()
+        self._show_versions()
+        if self._watch is not None:  # serve the plan's versions from the first batch on
+            await self._watch.check()
 
     def close(self) -> None:
-        self._runner.close()
+        self.models.close()
+
+    def _applied(self, served: bool) -> None:
+        self._metrics.model_swaps.labels(self.name, "ok" if served else "failed").inc()
+        self._show_versions()
+
+    def _show_versions(self) -> None:
+        gauge = self._metrics.model_version
+        versions = self.models.current.versions()
+        for role in self._shown_roles - versions.keys():
+            gauge.remove(self.name, self.spec.name, role)
+        for role, version in versions.items():
+            gauge.labels(self.name, self.spec.name, role).set(version)
+        self._shown_roles = set(versions)
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Consume until `stopping` is set, then drain and commit. Raises WorkerFailed on an unsafe failure."""
@@ -106,6 +145,8 @@ class ModalityPipeline:
             asyncio.create_task(self._infer_loop(), name=f"infer-{self.name}"),
             asyncio.create_task(self._commit_loop(), name=f"commit-{self.name}"),
         ]
+        if self._watch is not None:
+            tasks.append(asyncio.create_task(self._watch.run(), name=f"models-{self.name}"))
         stop_wait = asyncio.create_task(stopping.wait())
         fail_wait = asyncio.create_task(self._failed.wait())
         try:
@@ -121,9 +162,10 @@ class ModalityPipeline:
             raise WorkerFailed(f"{self.name} pipeline failed: {self._failure}") from self._failure
 
     async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
-        poll, infer, commit = tasks
+        poll, infer, *others = tasks
         poll.cancel()
-        commit.cancel()
+        for task in others:
+            task.cancel()
         # Finish what was polled, so its offsets are committed now rather than redone by the next owner.
         left = await self._checkpoint.drain()
         infer.cancel()
@@ -179,32 +221,86 @@ class ModalityPipeline:
         decode_ms = (time.perf_counter() - started) * 1000
         if not decoded:
             return
+        items = np.stack([d.item for _, d in decoded])
+        async with self._batch_lock:
+            serving = self.models.current
+            for runner, chosen in self._route(serving, decoded):
+                group = [decoded[i] for i in chosen]
+                started = time.perf_counter()
+                rows = await runner.infer(items if len(chosen) == len(decoded) else items[chosen])
+                inference_ms = (time.perf_counter() - started) * 1000
+                self._metrics.batch_size.labels(self.name).observe(len(group))
+                self._metrics.inference_seconds.labels(self.name).observe(inference_ms / 1000)
+                for (polled, item), row in zip(group, rows, strict=True):
+                    if row is None:
+                        await self._dead_letter(polled, "infer", "EngineError", "the engine fails on this input alone")
+                        continue
+                    latency = LatencyBreakdown(
+                        queue_ms=(polled.polled_time_us - item.record.capture_time_us) / 1000,
+                        batch_wait_ms=(closed_at - polled.polled_at) * 1000,
+                        decode_ms=decode_ms,
+                        inference_ms=inference_ms,
+                        batch_size=len(group),
+                    )
+                    await self._publish_result(polled, item, runner.spec, row, latency)
+            if serving.shadow is not None and self._sampler.random() < serving.shadow_share:
+                await self._shadow(serving.shadow, decoded, items, decode_ms, closed_at)
+
+    def _route(self, serving: ServingSet, decoded: list[tuple[Polled, DecodedInput]]) -> list[tuple[EngineRunner, list[int]]]:
+        """Which inputs each serving version takes: the canary those whose device hashes into its share."""
+        everyone = list(range(len(decoded)))
+        if serving.canary is None:
+            return [(serving.active, everyone)]
+        in_canary = [canary_bucket(self.spec.name, item.record.device_id) < serving.canary_share for _, item in decoded]
+        groups = [
+            (serving.active, [i for i in everyone if not in_canary[i]]),
+            (serving.canary, [i for i in everyone if in_canary[i]]),
+        ]
+        return [(runner, chosen) for runner, chosen in groups if chosen]
+
+    async def _shadow(
+        self, runner: EngineRunner, decoded: list[tuple[Polled, DecodedInput]], items: np.ndarray, decode_ms: float,
+        closed_at: float,
+    ) -> None:  # fmt: skip
+        """The shadow version on the same inputs. Its results go to the shadow topic at most once: they are
+        not what the input's offset waits for, so a shadow that fails costs the serving path nothing."""
         started = time.perf_counter()
-        rows = await self._runner.infer(np.stack([d.item for _, d in decoded]))
+        rows = await runner.infer(items)
         inference_ms = (time.perf_counter() - started) * 1000
-        self._metrics.batch_size.labels(self.name).observe(len(decoded))
-        self._metrics.inference_seconds.labels(self.name).observe(inference_ms / 1000)
         for (polled, item), row in zip(decoded, rows, strict=True):
             if row is None:
-                await self._dead_letter(polled, "infer", "EngineError", "the engine fails on this input alone")
                 continue
             latency = LatencyBreakdown(
                 queue_ms=(polled.polled_time_us - item.record.capture_time_us) / 1000,
                 batch_wait_ms=(closed_at - polled.polled_at) * 1000,
-                decode_ms=decode_ms,
-                inference_ms=inference_ms,
-                batch_size=len(decoded),
-            )
-            await self._publish_result(polled, item, row, latency)
+                decode_ms=decode_ms, inference_ms=inference_ms, batch_size=len(decoded),
+            )  # fmt: skip
+            result = self._result(polled, item, runner.spec, row, latency)
+            try:
+                delivery = await self._producer.send(self._shadow_topic, self._codec.write(result), key=result.device_id.encode())
+            except Exception as exc:
+                log.warning("shadow result of %s not sent: %s", polled.source, exc)
+                self._metrics.shadow_results.labels(self.name, "failed").inc()
+                continue
+            delivery.add_done_callback(self._shadow_settled)
+
+    def _shadow_settled(self, delivery: asyncio.Future) -> None:
+        lost = delivery.cancelled() or delivery.exception() is not None
+        self._metrics.shadow_results.labels(self.name, "failed" if lost else "ok").inc()
+
+    def _result(
+        self, polled: Polled, item: DecodedInput, spec: ModelSpec, probabilities: np.ndarray, latency: LatencyBreakdown
+    ) -> InferenceResult:
+        top = np.argsort(-probabilities)[: self._settings.top_k]
+        return result_for(
+            item.record, self.modality.symbol, polled.source, spec.name, spec.version,
+            [LabelScore(spec.labels[i], float(probabilities[i])) for i in top], latency, self._worker_id,
+        )  # fmt: skip
 
     async def _publish_result(
-        self, polled: Polled, item: DecodedInput, probabilities: np.ndarray, latency: LatencyBreakdown
+        self, polled: Polled, item: DecodedInput, spec: ModelSpec, probabilities: np.ndarray, latency: LatencyBreakdown
     ) -> None:
-        top = np.argsort(-probabilities)[: self._settings.top_k]
-        result = result_for(
-            item.record, self.modality.symbol, polled.source, self.spec.name, self.spec.version,
-            [LabelScore(self.spec.labels[i], float(probabilities[i])) for i in top], latency, self._worker_id,
-        )  # fmt: skip
+        result = self._result(polled, item, spec, probabilities, latency)
         problem = row_problem(result)
         if problem is not None:  # the sink could never store it: say so now, at the source
             await self._dead_letter(polled, "validate", "RowRejected", problem)
@@ -239,8 +335,12 @@ async def run_worker(
     on_ready: Callable[[], None] | None = None,
     registry: CollectorRegistry | None = None,
     metrics_host: str = "127.0.0.1",
+    *,
+    control: ModelControl | None = None,
+    loaders: dict[str, VersionLoader] | None = None,
 ) -> None:
     """Run one pipeline per engine (keyed by modality) in this process until `stopping` is set.
+    With `control` and a loader per modality, each pipeline follows its model's plan in Redis.
     The engines are closed on the way out; `registry` is where the metrics go (a fresh one by default)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = WorkerMetrics(registry)
@@ -249,10 +349,14 @@ async def run_worker(
     codec = Codec()
     pipelines: list[ModalityPipeline] = []
     producer = make_producer(kafka, role=f"worker-{worker_id}")
+    loaders = loaders or {}
     try:
         await ensure_topics(kafka)
         await producer.start()
-        pipelines = [ModalityPipeline(kafka, settings, e, codec, producer, metrics, worker_id) for e in engines.values()]
+        pipelines = [
+            ModalityPipeline(kafka, settings, engine, codec, producer, metrics, worker_id, control, loaders.get(modality))
+            for modality, engine in engines.items()
+        ]
         for pipeline in pipelines:
             await pipeline.warmup()
         runs = [asyncio.create_task(p.run(stopping), name=f"pipeline-{p.name}") for p in pipelines]
@@ -265,4 +369,14 @@ async def run_worker(
             pipeline.close()
         for engine in engines.values():
             engine.close()
+        if control is not None:
+            await control.close()
 
+
+def _fixed(engine: Engine) -> VersionLoader:
+    """A pipeline that follows no plan serves the engine it was given, and nothing else."""
+
+    def refuse(version: int) -> Engine:
+        raise ModelNotFound(f"this worker serves {engine.spec.name} v{engine.spec.version} only (no model plans)")
+
+    return refuse

@@ -39,19 +39,22 @@ def load_engine(
     return TensorRTEngine(spec, device=device, precision=typed_precision)
 
 
+def load_version(settings: EngineSettings, modality: str, version: int | None = None) -> Engine:
+    """The engine of the model configured for `modality`, at `version` (None: the configured version,
+    else the newest), as the settings ask it to run (kind, device, precision, threads)."""
+    name, configured = settings.model_for(modality)
+    spec = ModelRepository(settings.model_repository).resolve(name, configured if version is None else version)
+    if spec.modality != modality:
+        raise ConfigError(f"model {name} v{spec.version} is for {spec.modality}, configured for {modality}")
+    return load_engine(settings.kind, spec, settings.intra_op_threads, device=settings.device, precision=settings.precision)
+
+
 def load_engines(settings: EngineSettings, modalities: Iterable[str]) -> dict[str, Engine]:
     """One engine per modality, each on the model configured for it."""
-    repository = ModelRepository(settings.model_repository)
     engines: dict[str, Engine] = {}
     try:
         for modality in modalities:
-            name, version = settings.model_for(modality)
-            spec = repository.resolve(name, version)
-            if spec.modality != modality:
-                raise ConfigError(f"model {name} v{spec.version} is for {spec.modality}, configured for {modality}")
-            engines[modality] = load_engine(
-                settings.kind, spec, settings.intra_op_threads, device=settings.device, precision=settings.precision
-            )
+            engines[modality] = load_version(settings, modality)
     except BaseException:
         # A GPU engine holds device memory until closed; a failed second modality must not leak the first.
         for engine in engines.values():
@@ -62,5 +65,5 @@ def load_engines(settings: EngineSettings, modalities: Iterable[str]) -> dict[st
 
 __all__ = [
     "Engine", "EngineError", "EngineSettings", "EngineUnavailable", "ModelNotFound", "ModelRepository", "ModelSpec",
-    "load_engine", "load_engines",
+    "load_engine", "load_engines", "load_version",
 ]  # fmt: skip

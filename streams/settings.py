@@ -32,7 +32,8 @@ from consumers.settings import ClickHouseSettings, SinkSettings, WorkerSettings
 from engines.settings import EngineSettings
 from producers.settings import SimulatorSettings
 from schemas.errors import ConfigError, redact_url
-from streams.apps.settings import NotifierSettings, RedisSettings
+from streams.apps.settings import NotifierSettings
+from consumers.settings import RedisSettings
 from streams.local.stack import StackSettings
 
 

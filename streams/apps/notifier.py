@@ -48,7 +48,8 @@ from schemas.codec import Codec, SchemaError
 from schemas.errors import SluiceError
 from schemas.records import Alert, DeadLetter, InferenceResult, dead_letter_for, identity_problem
 from streams.apps.rules import CooldownStore, Rule, RuleSet
-from streams.apps.settings import NotifierSettings, RedisSettings
+from streams.apps.settings import NotifierSettings
+from consumers.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 

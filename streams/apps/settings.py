@@ -1,20 +1,10 @@
-"""The notifier and Redis sections of the settings (`SLUICE_NOTIFIER__<KNOB>`, `SLUICE_REDIS__<KNOB>`)."""
+"""The notifier section of the settings (`SLUICE_NOTIFIER__<KNOB>`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pydantic import BaseModel
-
-
-class RedisSettings(BaseModel):
-    url: str = "redis://127.0.0.1:6379/0"
-    # A Redis that stops answering (a partition, a hung host) counts as unreachable after this long,
-    # for connecting and for each command, rather than holding the notifier until TCP gives up.
-    timeout_s: float = 2.0
-    # While Redis cannot answer, a cooldown command is retried after 0.1 s, then after twice as long
-    # each time, up to this: a long outage costs one attempt (and one logged failure) per this long.
-    retry_max_s: float = 5.0
 
 
 class NotifierSettings(BaseModel):

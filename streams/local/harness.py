@@ -86,6 +86,7 @@ def scoped(settings: SluiceSettings, base: Path, tag: str | None = None) -> Slui
             "worker": s.worker.model_copy(update={"group_prefix": f"{tag}-worker"}),
             "sink": s.sink.model_copy(update={"group_id": f"{tag}-sink"}),
             "notifier": s.notifier.model_copy(update={"app_id": f"{tag}-notifier"}),
+            "redis": s.redis.model_copy(update={"namespace": tag}),
             "stack": s.stack.model_copy(update={"run_dir": base / "run"}),
             "clickhouse": s.clickhouse.model_copy(update={"dsn": f"chdb://{(base / 'clickhouse').as_posix()}"}),
         }
