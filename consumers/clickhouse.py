@@ -34,6 +34,7 @@ from schemas.records import InferenceResult
 log = logging.getLogger(__name__)
 
 RESULTS_TABLE = "inference_results"
+SHADOW_RESULTS_TABLE = "shadow_results"  # results of a version in shadow (0002_shadow_results.sql)
 
 RESULT_COLUMNS = (
     "source_topic", "source_partition", "source_offset", "trace_id", "device_id", "modality", "seq",

@@ -1,4 +1,5 @@
 """The ClickHouse sink: results topic -> `inference_results`, in batches, with stated guarantees.
+(The shadow results topic -> `shadow_results`, the same way.)
 
 It sits on the same `Checkpoint` as the worker (`checkpoint.py`); a message's
 outcome is safe once its row is inserted, or its dead letter acknowledged. Per
@@ -40,7 +41,7 @@ from prometheus_client import CollectorRegistry
 
 from consumers.checkpoint import Checkpoint
 from consumers.clickhouse import (
-    RESULT_COLUMNS, RESULTS_TABLE, apply_migrations, connect, result_partition, result_row, row_problem, rows_at_fault,
+    RESULT_COLUMNS, RESULTS_TABLE, SHADOW_RESULTS_TABLE, apply_migrations, connect, result_partition, result_row, row_problem, rows_at_fault,
 )  # fmt: skip
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import OwnThread, run_until_done
@@ -59,6 +60,7 @@ class _Entry:
     message: ConsumerRecord  # kept for the dead letter, should ClickHouse refuse the row
     row: list
     day: int  # the row's ClickHouse partition (`result_partition`)
+    table: str  # where the row goes: served results and shadow results have tables of their own
 
 
 class _Buffer:
@@ -92,14 +94,17 @@ class _Buffer:
         insert: the limit guards the server (each partition an insert touches becomes a part of its own), a
         settings profile may forbid changing it, and the usual batch spans one or two days, so it stays one
         insert. Each chunk carries its own rows' token, so a retried chunk is as idempotent as a retried batch."""
-        by_day: dict[int, list[_Entry]] = {}
+        by_table: dict[str, dict[int, list[_Entry]]] = {}
         for entry in self.entries:
-            by_day.setdefault(entry.day, []).append(entry)
-        days = sorted(by_day)
-        return [
-            [entry for day in days[i : i + max_partitions] for entry in by_day[day]]
-            for i in range(0, len(days), max_partitions)
-        ]
+            by_table.setdefault(entry.table, {}).setdefault(entry.day, []).append(entry)
+        chunks = []
+        for by_day in by_table.values():  # an insert goes to one table
+            days = sorted(by_day)
+            chunks += [
+                [entry for day in days[i : i + max_partitions] for entry in by_day[day]]
+                for i in range(0, len(days), max_partitions)
+            ]
+        return chunks
 
     def without(self, tps: set[TopicPartition]) -> _Buffer:
         kept = _Buffer()
@@ -145,7 +150,10 @@ class ClickHouseSink:
         self._clickhouse = clickhouse
         self._metrics = metrics
         self._codec = Codec()
-        self._table = f"{clickhouse.database}.{RESULTS_TABLE}"
+        self._tables = {
+            kafka.topics.results: f"{clickhouse.database}.{RESULTS_TABLE}",
+            kafka.topics.shadow_results: f"{clickhouse.database}.{SHADOW_RESULTS_TABLE}",
+        }
         self._producer = make_producer(kafka, role="sink")
         self.checkpoint = Checkpoint(
             make_consumer(kafka, settings.group_id, role="sink"), "sink",
@@ -177,7 +185,7 @@ class ClickHouseSink:
         consumer = self.checkpoint.consumer
         await self._producer.start()
         await consumer.start()
-        self.checkpoint.subscribe([self._kafka.topics.results])
+        self.checkpoint.subscribe(list(self._tables))
         try:
             while not stopping.is_set() and self._failure is None:
                 await self._poll_once()
@@ -214,7 +222,9 @@ class ClickHouseSink:
                 if problem is not None:  # in the buffer it would fail the insert of every row beside it
                     await self._outcomes.dead_letter(message, "validate", "RowRejected", problem)
                     continue
-                self._buffer.add(_Entry(tp, message, result_row(result), result_partition(result)))
+                self._buffer.add(
+                    _Entry(tp, message, result_row(result), result_partition(result), self._tables[tp.topic])
+                )
         self._metrics.buffered_rows.set(self._buffer.row_count())
 
     def _poll_timeout_ms(self) -> int:
@@ -255,7 +265,7 @@ class ClickHouseSink:
         rows = [entry.row for entry in entries]
         started = time.perf_counter()
         try:
-            await self._thread.call(self._insert_rows, rows, _token(entries))
+            await self._thread.call(self._insert_rows, entries[0].table, rows, _token(entries))
         except Exception as exc:
             if not rows_at_fault(exc):
                 self._back_off(len(rows), exc)
@@ -284,9 +294,9 @@ class ClickHouseSink:
         log.error("insert of %d rows failed (attempt %d, retry in %.1fs): %s", rows, self._failures_in_row, backoff,
                   exc)  # fmt: skip
 
-    def _insert_rows(self, rows: list[list], token: str) -> None:
+    def _insert_rows(self, table: str, rows: list[list], token: str) -> None:
         self._client.insert(
-            self._table, rows, column_names=RESULT_COLUMNS, settings={"insert_deduplication_token": token}
+            table, rows, column_names=RESULT_COLUMNS, settings={"insert_deduplication_token": token}
         )
 
     async def _settle(self) -> None:

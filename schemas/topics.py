@@ -24,11 +24,15 @@ class TopicSettings(BaseModel):
     frames: str = "sluice.frames"
     audio: str = "sluice.audio"
     results: str = "sluice.results"
+    # Results of a model version in shadow (`sluice models activate --shadow`): the sink stores them apart,
+    # and nothing that acts on results (the notifier) reads them.
+    shadow_results: str = "sluice.results.shadow"
     alerts: str = "sluice.alerts"
     dead_letters: str = "sluice.dead-letters"
     frames_partitions: int = 8
     audio_partitions: int = 4
     results_partitions: int = 8
+    shadow_results_partitions: int = 8
     alerts_partitions: int = 2
     dead_letters_partitions: int = 2
     replication_factor: int = 1
@@ -39,6 +43,7 @@ class TopicSettings(BaseModel):
             self.frames: self.frames_partitions,
             self.audio: self.audio_partitions,
             self.results: self.results_partitions,
+            self.shadow_results: self.shadow_results_partitions,
             self.alerts: self.alerts_partitions,
             self.dead_letters: self.dead_letters_partitions,
         }
@@ -51,7 +56,7 @@ class TopicSettings(BaseModel):
         return self.model_copy(update={name: f"{prefix}.{getattr(self, name)}" for name in _NAME_FIELDS})
 
 
-_NAME_FIELDS = ("frames", "audio", "results", "alerts", "dead_letters")
+_NAME_FIELDS = ("frames", "audio", "results", "shadow_results", "alerts", "dead_letters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,8 @@
     sluice demo                      all of the above for a minute, then a summary
     sluice bench engines|pipeline    speed ratios, measured side by side in one run
     sluice clickhouse migrate|query  the sink's DDL, and ad-hoc SQL
+    sluice models list|build|activate|deactivate|status
+                                     the model repository, and which version serves (plans in Redis)
     sluice config                    the effective configuration
 
 Every process takes its settings from `streams/settings.py` (defaults, `--config`
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -151,14 +154,17 @@ def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from consumers.model_control import ModelControl
     from consumers.worker import run_worker
-    from engines import load_engines
+    from engines import load_engines, load_version
 
-    engines = load_engines(settings.engine, args.modality or MODALITY_NAMES)
+    modalities = args.modality or MODALITY_NAMES
+    engines = load_engines(settings.engine, modalities)
+    loaders = {m: functools.partial(load_version, settings.engine, m) for m in modalities}
     _run_until_signalled(
         lambda stopping: run_worker(
             settings.kafka, settings.worker, engines, stopping, _ready_callback(args.ready_file),
-            metrics_host=settings.metrics_host,
+            metrics_host=settings.metrics_host, control=ModelControl(settings.redis), loaders=loaders,
         )
     )  # fmt: skip
     return 0
@@ -226,6 +232,12 @@ def cmd_clickhouse(settings: SluiceSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from streams import models
+
+    return models.main(settings, args, console)
+
+
 def cmd_config(settings: SluiceSettings, args: argparse.Namespace) -> int:
     console.print_json(data=redacted(settings))
     return 0
@@ -289,6 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["migrate", "query"])
     p.add_argument("sql", nargs="?", default="SELECT 1")
     p.set_defaults(func=cmd_clickhouse)
+
+    p = sub.add_parser("models", help="the model repository, and which version serves")
+    from streams.models import add_arguments as add_models_arguments
+
+    add_models_arguments(p)
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)

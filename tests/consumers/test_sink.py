@@ -278,7 +278,7 @@ async def test_a_row_the_server_refuses_is_found_by_bisection(sink_settings: Slu
 def _entries(offsets: list[int], partition: int = 0) -> list[_Entry]:
     tp = TopicPartition("results", partition)
     return [
-        _Entry(tp, ConsumerRecord("results", partition, o, 0, 0, None, b"", None, 0, 0, ()), [], 0) for o in offsets
+        _Entry(tp, ConsumerRecord("results", partition, o, 0, 0, None, b"", None, 0, 0, ()), [], 0, "t") for o in offsets
     ]
 
 

@@ -59,6 +59,7 @@ SUBCOMMANDS: dict[str, set[str] | None] = {
     "config": None,
     "clickhouse": {"migrate", "query"},
     "bench": {"engines", "pipeline"},
+    "models": {"list", "build", "activate", "deactivate", "status"},
 }
 # `stack`, `demo` and `bench pipeline` start the embedded local stack: never what a container should run.
 LOCAL_ONLY_SUBCOMMANDS = {"stack", "demo", "bench"}
@@ -78,6 +79,9 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "sluice_worker_inflight_messages": ("gauge", frozenset({"modality"})),
     "sluice_worker_paused": ("gauge", frozenset({"modality"})),
     "sluice_worker_commits_total": ("counter", frozenset({"modality"})),
+    "sluice_worker_model_version": ("gauge", frozenset({"modality", "model", "role"})),
+    "sluice_worker_model_swaps_total": ("counter", frozenset({"modality", "outcome"})),
+    "sluice_worker_shadow_results_total": ("counter", frozenset({"modality", "outcome"})),
     "sluice_sink_rows_inserted_total": ("counter", frozenset()),
     "sluice_sink_insert_seconds": ("histogram", frozenset()),
     "sluice_sink_buffered_rows": ("gauge", frozenset()),
@@ -93,7 +97,7 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 # ClickHouse objects the dashboard may query (the lead's migrations create them).
 CLICKHOUSE_DATABASE = "sluice"
-CLICKHOUSE_TABLES = {"inference_results", "inference_results_dedup"}
+CLICKHOUSE_TABLES = {"inference_results", "inference_results_dedup", "shadow_results", "shadow_results_dedup"}
 
 # Deployment files scanned as text for SLUICE_* names and topic names.
 SCANNED_SUFFIXES = {".yml", ".yaml", ".json", ".md", ".toml", ""}
