@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from engines.repository import Batching
+
 # A checkout's root: where the local ClickHouse data and the DDL files live by default.
 _CHECKOUT = Path(__file__).resolve().parent.parent
 
@@ -13,9 +15,10 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 class WorkerSettings(BaseModel):
     group_prefix: str = "sluice-worker"  # one group per modality: <group_prefix>-<modality>
     # A batch closes at max_batch_size messages or max_delay_ms after its first
-    # message was polled, whichever comes first.
-    max_batch_size: int = 16
-    max_delay_ms: float = 10.0
+    # message was polled, whichever comes first. None: what the model's config.json
+    # says (`batching`; 16 and 10 ms where it says nothing). Set, they override every model's.
+    max_batch_size: int | None = None
+    max_delay_ms: float | None = None
     # Polled but not yet acknowledged work. Above either bound the worker pauses
     # its partitions (it keeps polling, so it stays in the group) and resumes
     # below half of it.
@@ -38,6 +41,15 @@ class WorkerSettings(BaseModel):
     # re-reads them this often, in case a notice was missed while Redis or the worker was away.
     model_poll_s: float = 5.0
     metrics_port: int | None = None
+
+    def batching_for(self, batching: Batching) -> Batching:
+        """The batching a worker applies to a model whose config.json declares `batching`."""
+        size = self.max_batch_size or batching.max_batch_size
+        return Batching(
+            max_batch_size=size,
+            max_delay_ms=batching.max_delay_ms if self.max_delay_ms is None else self.max_delay_ms,
+            preferred_batch_sizes=[s for s in batching.preferred_batch_sizes if s <= size],
+        )
 
     def group_id(self, modality: str) -> str:
         return f"{self.group_prefix}-{modality}"

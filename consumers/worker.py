@@ -87,7 +87,8 @@ class ModalityPipeline:
         self._codec = codec
         # Held by a batch from its first inference to its last result, and by a swap: a batch runs on one set.
         self._batch_lock = asyncio.Lock()
-        self.models = ModelSwap(engine, load or _fixed(engine), settings.max_batch_size, self._batch_lock)
+        self.batching = settings.batching_for(self.spec.batching)
+        self.models = ModelSwap(engine, load or _fixed(engine), self.batching.max_batch_size, self._batch_lock)
         self._watch = (
             PlanWatch(control, self.models, worker_id, self.name, settings.model_poll_s, self._applied)
             if control is not None and load is not None else None
@@ -107,7 +108,7 @@ class ModalityPipeline:
             producer, codec, self._checkpoint, kafka.topics.dead_letters,
             component=f"worker-{self.name}@{worker_id}", on_failure=self._fail, retry_for_s=settings.delivery_retry_s,
         )  # fmt: skip
-        self._batcher = Batcher(settings.max_batch_size, settings.max_delay_ms / 1000)
+        self._batcher = Batcher(self.batching.max_batch_size, self.batching.max_delay_ms / 1000)
         self._failure: BaseException | None = None
         self._failed = asyncio.Event()
         self.joined = self._checkpoint.joined

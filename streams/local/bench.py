@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from consumers.kafka import ensure_topics
-from engines import load_engines
+from engines import ModelRepository, load_engines
 from producers.synth import CameraScene, MicrophoneScene
 from schemas.topics import AUDIO, FRAME, MODALITY_NAMES
 from streams.local.harness import Components, isolated_settings, publish_frames
@@ -85,7 +85,9 @@ def bench_pipeline(settings: SluiceSettings, messages: int) -> list[dict[str, An
     rows = []
     try:
         stack.up()
-        for label, batch_size in (("batching off", 1), ("batching on", settings.worker.max_batch_size)):
+        frame_model = ModelRepository(settings.engine.model_repository).resolve(*settings.engine.model_for(FRAME.name))
+        configured = settings.worker.batching_for(frame_model.batching).max_batch_size
+        for label, batch_size in (("batching off", 1), ("batching on", configured)):
             tag = f"bench{batch_size}"
             variant = settings.model_copy(update={
                 "kafka": settings.kafka.model_copy(update={"topics": settings.kafka.topics.prefixed(tag)}),

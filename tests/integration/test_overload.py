@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+from engines.repository import Batching
+
 from streams.local.harness import (
     Components, Published, RssSampler, free_port, group_lag_from, publish_stream, rss_mb, scrape,
 )  # fmt: skip
@@ -142,7 +144,7 @@ def test_overload_is_absorbed_in_kafka_with_bounded_memory(settings: SluiceSetti
     partitions = settings.kafka.topics.frames_partitions
     worker_bound = (out["worker_ready_rss_mb"] + (w.max_inflight_messages * 16 * 1024
                     + 2 * partitions * settings.kafka.max_partition_fetch_bytes
-                    + w.max_batch_size * (VGA[0] * VGA[1] * 3 + 224 * 224 * 3)) / MB + 64)  # fmt: skip
+                    + w.batching_for(Batching()).max_batch_size * (VGA[0] * VGA[1] * 3 + 224 * 224 * 3)) / MB + 64)  # fmt: skip
     # The sink's: it takes results at the worker's pace, far under its batch_rows; its memory once ready plus
     # one flush of rows (~3 KB each with their messages), doubled, plus 64 MB.
     sink_bound = out["sink_ready_rss_mb"] + 2 * 3 * 1024 * (out["saturation_per_s"] * 2) / MB + 64
