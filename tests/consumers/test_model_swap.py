@@ -201,3 +201,42 @@ async def _until(check, timeout_s: float) -> bool:  # type: ignore[no-untyped-de
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs torch with a CUDA GPU; this host has none")
+async def test_fifty_cycles_on_cuda_keep_device_memory_flat(tmp_path: Path) -> None:
+    """The torch engine on CUDA (fp16, a CUDA graph per bucket, pinned staging): what a swapped-out engine
+    held on the device must go back, or a GPU worker runs out of memory after some releases."""
+    import torch
+
+    from engines.repository import Batching
+    from engines.zoo import write_zoo_model
+
+    batching = Batching(max_batch_size=8, preferred_batch_sizes=[1, 4, 8])
+    for version in (1, 2):
+        write_zoo_model("audio_cnn", tmp_path, version, seed=version, model_name="mic_cnn", batching=batching)
+    settings = EngineSettings(model_repository=tmp_path, kind="torch", device="cuda", precision="fp16",
+                              audio_model="mic_cnn")  # fmt: skip
+    load = functools.partial(load_version, settings, "audio")
+    swap = ModelSwap(load(1), load, 8, asyncio.Lock())
+    try:
+        await swap.warmup()
+        allocated: dict[int, int] = {}
+        for cycle in range(1, 51):
+            assert await swap.apply(ModelPlan(model="mic_cnn", active=2 if cycle % 2 else 1, revision=cycle))
+            if cycle in (10, 50):
+                torch.cuda.synchronize()
+                allocated[cycle] = torch.cuda.memory_allocated()
+        growth_mb = (allocated[50] - allocated[10]) / 2**20
+        print(f"CUDA memory allocated after cycle 10: {allocated[10] / 2**20:.1f} MB, growth to 50: {growth_mb:+.1f} MB")
+        assert growth_mb < 16
+    finally:
+        swap.close()
