@@ -82,6 +82,12 @@ class SinkSettings(BaseModel):
     # How long a stopping sink keeps retrying its last insert before leaving the rows to be re-read.
     drain_timeout_s: float = 10.0
     metrics_port: int | None = None
+    # With the embedded engine (a chdb:// DSN) only the sink may open the data directory, so it serves
+    # read-only SQL at http://query_host:query_port/query for `sluice clickhouse query` and the dashboard
+    # (`consumers/query_endpoint.py`). None: not served. Queries share the inserts' thread: a long one
+    # delays inserts meanwhile (the buffer budget still bounds memory).
+    query_host: str = "127.0.0.1"
+    query_port: int | None = 8124
 
 
 class RedisSettings(BaseModel):

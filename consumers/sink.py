@@ -47,6 +47,7 @@ from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_pr
 from consumers.lifecycle import OwnThread, run_until_done
 from consumers.metrics import SinkMetrics, serve_metrics
 from consumers.outcomes import Outcomes
+from consumers.query_endpoint import QueryEndpoint, QueryResult, run_readonly
 from consumers.settings import ClickHouseSettings, SinkSettings
 from schemas.codec import Codec, SchemaError
 from schemas.records import InferenceResult
@@ -181,6 +182,7 @@ class ClickHouseSink:
         self._client = await self._thread.call(connect, ch.dsn)
         applied = await self._thread.call(apply_migrations, self._client, ch.migrations_dir, ch.database)
         log.info("ClickHouse ready (migrations applied now: %s)", applied or "none")
+        endpoint = self._serve_queries()
         await ensure_topics(self._kafka)
         consumer = self.checkpoint.consumer
         await self._producer.start()
@@ -195,10 +197,31 @@ class ClickHouseSink:
             await self._final_flush()
             await consumer.stop()
             await self._producer.stop()
+            if endpoint is not None:
+                endpoint.stop()
             await self._thread.call(self._client.close)
             self._thread.close(wait=True)
         if self._failure is not None:
             raise self._failure
+
+    def _serve_queries(self) -> QueryEndpoint | None:
+        """The read-only SQL endpoint, where the sink holds the only handle on an embedded engine. A port
+        in use costs analysts their endpoint, not the results their sink: logged, and the sink goes on."""
+        if not self._clickhouse.dsn.startswith("chdb://") or self._sink.query_port is None:
+            return None
+        try:
+            endpoint = QueryEndpoint(self._sink.query_host, self._sink.query_port, self.query,
+                                     asyncio.get_running_loop())  # fmt: skip
+        except OSError as exc:
+            log.error("read-only SQL endpoint not started on %s:%s: %s", self._sink.query_host, self._sink.query_port,
+                      exc)  # fmt: skip
+            return None
+        endpoint.start()
+        return endpoint
+
+    async def query(self, sql: str) -> QueryResult:
+        """Read-only SQL on the sink's own client, between its inserts."""
+        return await self._thread.call(run_readonly, self._client, sql)
 
     def _fail(self, exc: BaseException) -> None:
         if self._failure is None:

@@ -215,18 +215,33 @@ def cmd_bench(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
 
 def cmd_clickhouse(settings: SluiceSettings, args: argparse.Namespace) -> int:
-    from consumers.clickhouse import apply_migrations, connect
+    from consumers.clickhouse import ClickHouseUnavailable, apply_migrations, connect
+    from consumers.query_endpoint import QueryUnavailable, query_endpoint, run_readonly
 
-    ch = settings.clickhouse
-    client = connect(ch.dsn)
+    ch, sink = settings.clickhouse, settings.sink
+    endpoint = f"http://{sink.query_host}:{sink.query_port}" if sink.query_port is not None else None
+    if args.action == "query" and ch.dsn.startswith("chdb://") and endpoint is not None:
+        try:  # the sink holds the embedded engine while it runs, and serves reads
+            print(json.dumps(query_endpoint(endpoint, args.sql).as_dicts(), default=str))
+            return 0
+        except QueryUnavailable:
+            pass  # no sink running: open the engine here
+    try:
+        client = connect(ch.dsn)
+    except ClickHouseUnavailable as exc:
+        if ch.dsn.startswith("chdb://"):
+            raise ClickHouseUnavailable(
+                f"{exc}. Another process (the sink?) holds this embedded ClickHouse; a running sink serves "
+                f"queries at {endpoint or 'SLUICE_SINK__QUERY_PORT'} (is it the sink's SLUICE_SINK__QUERY_PORT?), "
+                "and migrations run when the sink starts"
+            ) from exc
+        raise
     try:
         if args.action == "migrate":
             applied = apply_migrations(client, ch.migrations_dir, ch.database)
             console.print(f"applied: {', '.join(applied) or 'nothing new'}")
         else:
-            result = client.query(args.sql)
-            rows = [dict(zip(result.column_names, row, strict=True)) for row in result.result_rows]
-            print(json.dumps(rows, default=str))
+            print(json.dumps(run_readonly(client, args.sql).as_dicts(), default=str))
     finally:
         client.close()
     return 0
@@ -297,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("clickhouse", help="apply the DDL, or run SQL (prints JSON rows)")
+    p = sub.add_parser("clickhouse", help="apply the DDL, or run read-only SQL (prints JSON rows; served by a running sink)")
     p.add_argument("action", choices=["migrate", "query"])
     p.add_argument("sql", nargs="?", default="SELECT 1")
     p.set_defaults(func=cmd_clickhouse)

@@ -61,6 +61,7 @@ def isolated_settings(settings: SluiceSettings, base: Path) -> SluiceSettings:
         update={
             "kafka": settings.kafka.model_copy(update={"bootstrap_servers": f"127.0.0.1:{free_port()}"}),
             "redis": settings.redis.model_copy(update={"url": f"redis://127.0.0.1:{free_port()}/0"}),
+            "sink": settings.sink.model_copy(update={"query_port": free_port()}),
             "stack": settings.stack.model_copy(update={"run_dir": base / "run"}),
             "clickhouse": settings.clickhouse.model_copy(update={"dsn": f"chdb://{(base / 'clickhouse').as_posix()}"}),
         }
@@ -84,7 +85,7 @@ def scoped(settings: SluiceSettings, base: Path, tag: str | None = None) -> Slui
         update={
             "kafka": s.kafka.model_copy(update={"topics": s.kafka.topics.prefixed(tag)}),
             "worker": s.worker.model_copy(update={"group_prefix": f"{tag}-worker"}),
-            "sink": s.sink.model_copy(update={"group_id": f"{tag}-sink"}),
+            "sink": s.sink.model_copy(update={"group_id": f"{tag}-sink", "query_port": free_port()}),
             "notifier": s.notifier.model_copy(update={"app_id": f"{tag}-notifier"}),
             "redis": s.redis.model_copy(update={"namespace": tag}),
             "stack": s.stack.model_copy(update={"run_dir": base / "run"}),

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -17,10 +21,11 @@ from prometheus_client import CollectorRegistry
 from consumers.clickhouse import apply_migrations, connect
 from consumers.kafka import make_consumer, make_producer
 from consumers.metrics import SinkMetrics
+from consumers.query_endpoint import QueryFailed, query_endpoint
 from consumers.sink import ClickHouseSink, _Entry, _token
 from schemas.codec import Codec
 from schemas.records import DeadLetter, InferenceResult
-from streams.settings import SluiceSettings
+from streams.settings import SluiceSettings, settings_env
 from tests.records import make_result
 
 N = 300
@@ -291,3 +296,40 @@ def test_an_insert_token_names_exactly_its_rows() -> None:
     assert _token(_entries([0, 1, 5]) + _entries([3], partition=1)) == hashlib.sha256(
         b"results:0:0-1,results:0:5-5,results:1:3-3"
     ).hexdigest()
+
+
+async def test_analysts_query_while_the_sink_runs_and_cannot_write(sink_settings: SluiceSettings) -> None:
+    """The sink holds the embedded engine (one process per data directory) and serves read-only SQL:
+    through the endpoint and through `sluice clickhouse query`, while it inserts."""
+    await _produce_results(sink_settings)
+    url = f"http://{sink_settings.sink.query_host}:{sink_settings.sink.query_port}"
+    table = f"{sink_settings.clickhouse.database}.inference_results"
+    answers: dict[str, object] = {}
+
+    async def ask() -> None:
+        result = await asyncio.to_thread(query_endpoint, url, f"SELECT count() AS n FROM {table}")
+        answers["endpoint"] = result.as_dicts()[0]["n"]
+        cli = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "streams.cli", "clickhouse", "query", f"SELECT count() AS n FROM {table}"],
+            env=os.environ | settings_env(sink_settings), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        answers["cli"] = json.loads(cli.stdout.strip().splitlines()[-1])[0]["n"] if cli.returncode == 0 else cli.stderr
+        for name, sql in (("drop", f"DROP TABLE {table}"), ("insert", f"INSERT INTO {table} (trace_id) VALUES ('x')"),
+                          ("typo", f"SELEC count() FROM {table}")):  # fmt: skip
+            with pytest.raises(QueryFailed) as refused:
+                await asyncio.to_thread(query_endpoint, url, sql)
+            answers[name] = str(refused.value)
+
+    asked: list[asyncio.Task] = []
+
+    def once_inserted(registry: CollectorRegistry) -> None:
+        if _rows(registry) >= N and not asked:
+            asked.append(asyncio.get_running_loop().create_task(ask()))
+
+    await _run_sink(sink_settings, until=lambda _: bool(asked) and asked[0].done(), during=once_inserted)
+    asked[0].result()
+    assert answers["endpoint"] == N
+    assert answers["cli"] == N, answers["cli"]
+    assert "READONLY" in str(answers["drop"]) and "READONLY" in str(answers["insert"])
+    assert "Syntax error" in str(answers["typo"])
+    assert _count(sink_settings) == N, "nothing was dropped or written by the queries"
