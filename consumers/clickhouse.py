@@ -40,6 +40,7 @@ RESULT_COLUMNS = (
     "source_topic", "source_partition", "source_offset", "trace_id", "device_id", "modality", "seq",
     "capture_time", "result_time", "model_name", "model_version", "label", "score", "top_labels", "top_scores",
     "ground_truth", "queue_ms", "batch_wait_ms", "decode_ms", "inference_ms", "batch_size", "worker_id",
+    "input_stats", "probabilities", "prediction_entropy", "embedding",
 )  # fmt: skip
 
 
@@ -121,6 +122,10 @@ def result_row(result: InferenceResult) -> list[Any]:
         latency.inference_ms,
         latency.batch_size,
         result.worker_id,
+        result.input_stats,
+        result.probabilities,
+        result.prediction_entropy,
+        result.embedding,
     ]
 
 
@@ -167,6 +172,10 @@ def row_problem(result: InferenceResult) -> str | None:
     floats = [(f"top_k[{i}].score", entry.score) for i, entry in enumerate(result.top_k)] + [
         ("latency.queue_ms", latency.queue_ms), ("latency.batch_wait_ms", latency.batch_wait_ms),
         ("latency.decode_ms", latency.decode_ms), ("latency.inference_ms", latency.inference_ms),
+        ("prediction_entropy", result.prediction_entropy or 0.0),
+    ] + [(f"input_stats[{name!r}]", value) for name, value in result.input_stats.items()] + [
+        (f"{name}[{i}]", value) for name in ("probabilities", "embedding")
+        for i, value in enumerate(getattr(result, name))
     ]  # fmt: skip
     for name, number in floats:
         if math.isfinite(number) and abs(number) > _FLOAT32_MAX:
@@ -174,7 +183,9 @@ def row_problem(result: InferenceResult) -> str | None:
     texts = [
         ("trace_id", result.trace_id), ("device_id", result.device_id), ("source_topic", result.source_topic),
         ("model_name", result.model_name), ("worker_id", result.worker_id), ("ground_truth", result.ground_truth or ""),
-    ] + [(f"top_k[{i}].label", entry.label) for i, entry in enumerate(result.top_k)]  # fmt: skip
+    ] + [(f"top_k[{i}].label", entry.label) for i, entry in enumerate(result.top_k)] + [
+        (f"input_stats key {name!r}", name) for name in result.input_stats
+    ]  # fmt: skip
     for name, text in texts:
         try:
             text.encode()

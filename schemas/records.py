@@ -121,6 +121,11 @@ class InferenceResult(Record):
     latency: LatencyBreakdown
     worker_id: str
     result_time_us: int
+    # Version 2 (inference_result_v2.avsc): what drift detection and analysts read; empty in version 1 records.
+    input_stats: dict[str, float] = field(default_factory=dict)  # by name, see the schema's doc
+    probabilities: list[float] = field(default_factory=list)  # in the model's label order
+    prediction_entropy: float | None = None  # nats
+    embedding: list[float] = field(default_factory=list)
 
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> InferenceResult:
@@ -210,6 +215,10 @@ def result_for(
     top_k: list[LabelScore],
     latency: LatencyBreakdown,
     worker_id: str,
+    *,
+    input_stats: dict[str, float] | None = None,
+    probabilities: list[float] | None = None,
+    prediction_entropy: float | None = None,
 ) -> InferenceResult:
     """The one result of one input."""
     return InferenceResult(
@@ -228,6 +237,9 @@ def result_for(
         latency=latency,
         worker_id=worker_id,
         result_time_us=now_us(),
+        input_stats=input_stats or {},
+        probabilities=probabilities or [],
+        prediction_entropy=prediction_entropy,
     )
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from clickhouse_connect.driver.client import Client
 from prometheus_client import CollectorRegistry
 
 from consumers.clickhouse import apply_migrations, connect
@@ -79,6 +80,15 @@ async def _run_sink(
         stopping.set()
         await task
     return registry
+
+
+def _migrated(client: Client, settings: SluiceSettings) -> bool:
+    """Whether every migration is applied (a test that takes a table away must wait for that)."""
+    db = settings.clickhouse.database
+    if not client.command(f"EXISTS TABLE {db}.schema_migrations"):
+        return False
+    applied = int(client.command(f"SELECT count() FROM {db}.schema_migrations"))
+    return applied == len(list(settings.clickhouse.migrations_dir.glob("*.sql")))
 
 
 def _rows(registry: CollectorRegistry) -> float:
@@ -171,9 +181,9 @@ async def test_an_insert_outage_loses_nothing(sink_settings: SluiceSettings) -> 
     hidden, restored = False, False
 
     def outage(registry: CollectorRegistry) -> None:
-        """Take the table away once the sink has created it; bring it back after two failed inserts."""
+        """Take the table away once the sink has migrated it; bring it back after two failed inserts."""
         nonlocal hidden, restored
-        if not hidden and client.command(f"EXISTS TABLE {db}.inference_results"):
+        if not hidden and _migrated(client, sink_settings):
             client.command(f"RENAME TABLE {db}.inference_results TO {db}.hidden_results")
             hidden = True
         if hidden and not restored and (registry.get_sample_value("sluice_sink_insert_failures_total") or 0) >= 2:

@@ -1,8 +1,13 @@
 """Typed records cross the wire unchanged, and the builders derive what downstream deduplicates on."""
 
+import io
+import json
+import struct
+
+import fastavro
 import pytest
 
-from schemas.codec import INFERENCE_RESULT, Codec, SchemaError
+from schemas.codec import INFERENCE_RESULT, SCHEMA_DIR, Codec, SchemaError
 from schemas.records import AudioChunk, InferenceResult, Source, alert_for, alert_id, dead_letter_for
 from schemas.topics import AUDIO, FRAME, TopicSettings, modality
 from tests.records import make_result
@@ -43,3 +48,26 @@ def test_the_modality_table_names_topics_symbols_and_records() -> None:
     assert modality("frame") is FRAME and modality("AUDIO") is AUDIO
     with pytest.raises(ValueError, match="unknown modality 'video'"):
         modality("video")
+
+
+def test_a_result_carries_its_input_statistics_and_probabilities() -> None:
+    codec = Codec()
+    result = make_result(2, score=0.75)  # exact in Avro's 32-bit floats
+    result.input_stats = {"brightness": 96.5, "contrast": 41.25}
+    result.probabilities = [0.75, 0.125, 0.125]
+    result.prediction_entropy = 0.75
+    assert codec.read(codec.write(result), InferenceResult) == result
+
+
+def test_a_version_1_result_still_decodes_with_empty_statistics() -> None:
+    """Results written before version 2 (id 1003) stay readable: the new fields take their defaults."""
+    v1 = fastavro.parse_schema(json.loads((SCHEMA_DIR / "inference_result.avsc").read_text()))
+    old = make_result(4, score=0.75)
+    avro = old.to_avro()
+    for name in ("input_stats", "probabilities", "prediction_entropy", "embedding"):
+        avro.pop(name)
+    buf = io.BytesIO()
+    buf.write(struct.pack(">bI", 0, 1003))
+    fastavro.schemaless_writer(buf, v1, avro)
+    decoded = Codec().read(buf.getvalue(), InferenceResult)
+    assert decoded == old and decoded.input_stats == {} and decoded.probabilities == []
