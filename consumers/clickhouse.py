@@ -93,6 +93,33 @@ def apply_migrations(client: Client, migrations_dir: Path, database: str) -> lis
     return done
 
 
+# Table -> the time its rows expire from, and whether it holds aggregates (kept longer) or results. Results
+# expire from when they were inserted, not captured: a device with a wrong clock (a capture time in 1970) must
+# not have its rows dropped at the next merge.
+_RETENTION = {
+    RESULTS_TABLE: ("toDateTime(inserted_at)", False),
+    SHADOW_RESULTS_TABLE: ("toDateTime(inserted_at)", False),
+    "results_per_minute": ("minute", True),
+    "input_stats_per_minute": ("minute", True),
+}
+
+
+def apply_retention(client: Client, database: str, retention_days: int | None, aggregate_days: int | None) -> None:
+    """Set each table's TTL to the configured retention (idempotent; run at every sink start). Rows past it
+    go at the next merge; existing parts are not rewritten now (materialize_ttl_after_modify=0), which on a
+    big table would be a long mutation at start-up."""
+    for table, (expires_from, aggregate) in _RETENTION.items():
+        days = aggregate_days if aggregate else retention_days
+        ttl = None if days is None else f"{expires_from} + toIntervalDay({int(days)})"
+        statement = f"ALTER TABLE {database}.{table} " + (f"MODIFY TTL {ttl}" if ttl else "REMOVE TTL")
+        current = client.command(f"SELECT create_table_query FROM system.tables WHERE database = '{database}' "
+                                 f"AND name = '{table}'")  # fmt: skip
+        if (ttl is None and " TTL " not in str(current)) or (ttl is not None and f"TTL {ttl}" in str(current)):
+            continue
+        client.command(statement, settings={"materialize_ttl_after_modify": 0})
+        log.info("%s.%s: %s", database, table, f"rows kept {days} days" if ttl else "rows kept forever")
+
+
 def result_row(result: InferenceResult) -> list[Any]:
     """One result as a row in RESULT_COLUMNS order. The times go as DateTime64(6) ticks, whole microseconds:
     the driver converts a datetime through a float of seconds, which loses microseconds after 2106 and can round

@@ -60,6 +60,10 @@ class ClickHouseSettings(BaseModel):
     dsn: str = f"chdb://{(_CHECKOUT / '.sluice' / 'clickhouse').as_posix()}"
     database: str = "sluice"
     migrations_dir: Path = _CHECKOUT / "deploy" / "clickhouse" / "migrations"
+    # Retention, applied by the sink at every start (a TTL on each table; None keeps rows forever): results
+    # and shadow results from when they were inserted, the per-minute aggregates (what dashboards read) for longer.
+    retention_days: int | None = 90
+    aggregate_retention_days: int | None = 730
 
 
 class SinkSettings(BaseModel):

@@ -41,7 +41,8 @@ from prometheus_client import CollectorRegistry
 
 from consumers.checkpoint import Checkpoint
 from consumers.clickhouse import (
-    RESULT_COLUMNS, RESULTS_TABLE, SHADOW_RESULTS_TABLE, apply_migrations, connect, result_partition, result_row, row_problem, rows_at_fault,
+    RESULT_COLUMNS, RESULTS_TABLE, SHADOW_RESULTS_TABLE, apply_migrations, apply_retention, connect, result_partition,
+    result_row, row_problem, rows_at_fault,
 )  # fmt: skip
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import OwnThread, run_until_done
@@ -181,6 +182,9 @@ class ClickHouseSink:
         ch = self._clickhouse
         self._client = await self._thread.call(connect, ch.dsn)
         applied = await self._thread.call(apply_migrations, self._client, ch.migrations_dir, ch.database)
+        await self._thread.call(
+            apply_retention, self._client, ch.database, ch.retention_days, ch.aggregate_retention_days
+        )
         log.info("ClickHouse ready (migrations applied now: %s)", applied or "none")
         endpoint = self._serve_queries()
         await ensure_topics(self._kafka)

@@ -10,7 +10,8 @@ import pytest
 from clickhouse_connect.driver.client import Client
 
 from consumers.clickhouse import (
-    RESULT_COLUMNS, apply_migrations, connect, result_partition, result_row, row_problem, rows_at_fault,
+    RESULT_COLUMNS, apply_migrations, apply_retention, connect, result_partition, result_row, row_problem,
+    rows_at_fault,
 )  # fmt: skip
 from consumers.settings import ClickHouseSettings
 from schemas.records import InferenceResult
@@ -144,3 +145,39 @@ def test_rows_at_fault_tells_bad_rows_from_a_missing_table(database: tuple[Clien
     assert rows_at_fault(_insert_error(client, table, _changed(seq=10**12)))
     # ClickHouse's fault, which passes: retried, not dead-lettered.
     assert not rows_at_fault(_insert_error(client, f"{name}.missing", make_result(1)))
+
+
+def test_aggregates_fill_as_results_are_inserted(database: tuple[Client, str]) -> None:
+    """The per-minute materialized views: volume, label mix and quantiles, and each input statistic by name."""
+    client, name = database
+    results = []
+    for i in range(60):
+        result = make_result(i, label="circle" if i % 3 else "square")
+        result.input_stats = {"brightness": float(i), "contrast": 10.0}
+        result.prediction_entropy = 0.5
+        results.append(result)
+    client.insert(f"{name}.inference_results", [result_row(r) for r in results], column_names=RESULT_COLUMNS)
+    (row,) = client.query(
+        f"SELECT sum(results), sumMap(label_counts), quantilesMerge(0.5, 0.9, 0.99)(entropy_quantiles) "
+        f"FROM {name}.results_per_minute"
+    ).result_rows
+    assert row[0] == 60 and row[1] == {"circle": 40, "square": 20} and row[2][0] == pytest.approx(0.5)
+    stats = dict(client.query(
+        f"SELECT statistic, avgMerge(mean) FROM {name}.input_stats_per_minute GROUP BY statistic"
+    ).result_rows)  # fmt: skip
+    assert stats == {"brightness": pytest.approx(29.5), "contrast": pytest.approx(10.0)}
+
+
+def test_retention_is_set_from_the_settings_and_set_again_only_when_it_changes(database: tuple[Client, str]) -> None:
+    client, name = database
+
+    def ttl(table: str) -> str:
+        query = client.command(f"SELECT create_table_query FROM system.tables WHERE database = '{name}' AND name = '{table}'")
+        return str(query).partition(" TTL ")[2].partition(" SETTINGS")[0]
+
+    apply_retention(client, name, 30, 400)
+    assert ttl("inference_results") == "toDateTime(inserted_at) + toIntervalDay(30)"
+    assert ttl("shadow_results") == "toDateTime(inserted_at) + toIntervalDay(30)"
+    assert ttl("results_per_minute") == "minute + toIntervalDay(400)"
+    apply_retention(client, name, None, 400)
+    assert ttl("inference_results") == "" and ttl("input_stats_per_minute") == "minute + toIntervalDay(400)"
