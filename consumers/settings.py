@@ -26,6 +26,9 @@ class WorkerSettings(BaseModel):
     max_inflight_bytes: int = 256 * 1024 * 1024
     commit_interval_ms: int = 250
     top_k: int = 3
+    # Results carry the whole probability vector (what drift detection compares) for models of at most this
+    # many classes; above it (an ImageNet model's 1000) only the top_k and the entropy, to keep results small.
+    max_probabilities: int = 64
     # Frames declaring more pixels than this are dead-lettered before decoding (a small JPEG can
     # declare 10000x10000 pixels and cost a gigabyte to decode).
     max_frame_pixels: int = 4096 * 4096

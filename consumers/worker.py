@@ -293,9 +293,11 @@ class ModalityPipeline:
         self, polled: Polled, item: DecodedInput, spec: ModelSpec, probabilities: np.ndarray, latency: LatencyBreakdown
     ) -> InferenceResult:
         top = np.argsort(-probabilities)[: self._settings.top_k]
+        whole = len(probabilities) <= self._settings.max_probabilities
         return result_for(
             item.record, self.modality.symbol, polled.source, spec.name, spec.version,
             [LabelScore(spec.labels[i], float(probabilities[i])) for i in top], latency, self._worker_id,
+            probabilities=probabilities.tolist() if whole else None, prediction_entropy=_entropy(probabilities),
         )  # fmt: skip
 
     async def _publish_result(
@@ -372,6 +374,12 @@ async def run_worker(
             engine.close()
         if control is not None:
             await control.close()
+
+
+def _entropy(probabilities: np.ndarray) -> float:
+    """Shannon entropy in nats; a zero probability contributes nothing."""
+    p = probabilities[probabilities > 0]
+    return float(-(p * np.log(p)).sum())
 
 
 def _fixed(engine: Engine) -> VersionLoader:
