@@ -203,7 +203,13 @@ def cmd_demo(settings: SluiceSettings, args: argparse.Namespace) -> int:
 def cmd_bench(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from streams.local.bench import bench_engines, bench_pipeline, print_rows
 
-    if args.what == "engines":
+    if args.what == "cookbook":
+        from streams.local.cookbook import bench_cookbook
+
+        generated_s, timed = bench_cookbook(args.rows, settings.clickhouse)
+        rows = [{"query": t.title, "seconds": round(t.seconds, 3), "rows": t.rows} for t in timed]
+        print_rows(console, f"cookbook queries on {args.rows:,} generated results (generated in {generated_s:.1f} s)", rows)
+    elif args.what == "engines":
         rows = bench_engines(settings, tuple(args.batch_sizes), args.seconds)
         print_rows(console, "engine throughput by batch size (ratio to batch 1, same run)", rows)
     else:
@@ -305,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="speed ratios measured side by side in one run")
-    p.add_argument("what", choices=["engines", "pipeline"])
+    p.add_argument("what", choices=["engines", "pipeline", "cookbook"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="engines: sizes to compare")
     p.add_argument("--seconds", type=float, default=2.0, help="engines: time per batch size")
     p.add_argument("--messages", type=int, default=2000, help="pipeline: backlog of frames to drain per variant")
+    p.add_argument("--rows", type=int, default=10_000_000, help="cookbook: generated results to query")
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.set_defaults(func=cmd_bench)
 
