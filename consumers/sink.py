@@ -46,7 +46,7 @@ from consumers.clickhouse import (
 )  # fmt: skip
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import OwnThread, run_until_done
-from consumers.metrics import SinkMetrics, serve_metrics
+from consumers.metrics import Health, SinkMetrics, serve_metrics
 from consumers.outcomes import Outcomes
 from consumers.query_endpoint import QueryEndpoint, QueryResult, run_readonly
 from consumers.settings import ClickHouseSettings, SinkSettings
@@ -354,6 +354,11 @@ async def run_sink(
     metrics_host: str = "127.0.0.1",
 ) -> None:
     registry = CollectorRegistry()
-    serve_metrics(registry, metrics_host, settings.metrics_port)
+    health = Health()
+    serve_metrics(registry, metrics_host, settings.metrics_port, health)
+    beating = asyncio.create_task(health.keep_beating(stopping), name="heartbeat")
     sink = ClickHouseSink(kafka, settings, clickhouse, SinkMetrics(registry))
-    await run_until_done([asyncio.create_task(sink.run(stopping))], [sink.joined], on_ready)
+    try:
+        await run_until_done([asyncio.create_task(sink.run(stopping))], [sink.joined], health.ready_then(on_ready))
+    finally:
+        beating.cancel()

@@ -42,7 +42,7 @@ from consumers.decode import DecodedInput, InvalidInput, decoder_for
 from consumers.engine_runner import EngineRunner
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import run_until_done
-from consumers.metrics import WorkerMetrics, serve_metrics
+from consumers.metrics import Health, WorkerMetrics, serve_metrics
 from consumers.model_control import ModelControl, canary_bucket
 from consumers.model_swap import ModelSwap, PlanWatch, ServingSet, VersionLoader
 from consumers.outcomes import Outcomes
@@ -347,7 +347,9 @@ async def run_worker(
     The engines are closed on the way out; `registry` is where the metrics go (a fresh one by default)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = WorkerMetrics(registry)
-    serve_metrics(registry, metrics_host, settings.metrics_port)
+    health = Health()
+    serve_metrics(registry, metrics_host, settings.metrics_port, health)
+    beating = asyncio.create_task(health.keep_beating(stopping), name="heartbeat")
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
     codec = Codec()
     pipelines: list[ModalityPipeline] = []
@@ -365,8 +367,9 @@ async def run_worker(
         runs = [asyncio.create_task(p.run(stopping), name=f"pipeline-{p.name}") for p in pipelines]
         for run in runs:  # one modality failed: stop the others cleanly too
             run.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stopping.set())
-        await run_until_done(runs, [p.joined for p in pipelines], on_ready)
+        await run_until_done(runs, [p.joined for p in pipelines], health.ready_then(on_ready))
     finally:
+        beating.cancel()
         await producer.stop()  # flushes: every queued result reaches the broker or fails loudly
         for pipeline in pipelines:
             pipeline.close()

@@ -28,12 +28,11 @@ from pydantic_settings import (
 )
 
 from consumers.kafka import KafkaSettings
-from consumers.settings import ClickHouseSettings, SinkSettings, WorkerSettings
+from consumers.settings import ClickHouseSettings, RedisSettings, SinkSettings, WorkerSettings
 from engines.settings import EngineSettings
 from producers.settings import SimulatorSettings
 from schemas.errors import ConfigError, redact_url
 from streams.apps.settings import NotifierSettings
-from consumers.settings import RedisSettings
 from streams.local.stack import StackSettings
 
 

@@ -24,6 +24,8 @@ original message. While Redis cannot answer, the result waits for it
 
 from __future__ import annotations
 
+import asyncio
+
 import dataclasses
 import logging
 import os
@@ -42,14 +44,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from consumers.kafka import KafkaSettings, faust_broker_options
-from consumers.metrics import serve_metrics
+from consumers.metrics import Health, serve_metrics
 from consumers.outcomes import source_of
+from consumers.settings import RedisSettings
 from schemas.codec import Codec, SchemaError
 from schemas.errors import SluiceError
 from schemas.records import Alert, DeadLetter, InferenceResult, dead_letter_for, identity_problem
 from streams.apps.rules import CooldownStore, Rule, RuleSet
 from streams.apps.settings import NotifierSettings
-from consumers.settings import RedisSettings
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +209,13 @@ def create_app(
         max_request_size=kafka.max_request_size, max_label_chars=settings.max_label_chars,
     )  # fmt: skip
 
+    health = Health()
+    mark_ready = health.ready_then(on_ready)
+
     @app.on_partitions_assigned.connect
     async def joined(sender: faust.App, assigned: set, **kwargs: Any) -> None:
         log.info("notifier assigned %d partitions", len(assigned))
-        if on_ready is not None:
-            on_ready()
+        mark_ready()
 
     @app.agent(results_topic)
     async def evaluate(stream: faust.StreamT) -> None:
@@ -222,14 +226,18 @@ def create_app(
     async def probe_redis() -> None:
         await cooldowns.probe()
 
+    stopping = asyncio.Event()  # set at shutdown: no longer ready, while Faust commits and leaves
+
     @app.on_before_shutdown.connect
     async def close_redis(sender: faust.App, **kwargs: Any) -> None:
+        stopping.set()
         await client.aclose()
 
     @app.task
     async def expose_metrics() -> None:
         await cooldowns.probe()  # the gauge is right from the first scrape; the timer keeps it so
-        serve_metrics(registry, metrics_host, settings.metrics_port)
+        serve_metrics(registry, metrics_host, settings.metrics_port, health)
+        await health.keep_beating(stopping)
 
     return app
 

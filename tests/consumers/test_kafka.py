@@ -7,9 +7,9 @@ import faust
 from pydantic import SecretStr
 
 from consumers.kafka import KafkaSettings, device_client, faust_broker_options
+from consumers.settings import RedisSettings
 from streams.apps.notifier import create_app
 from streams.apps.settings import NotifierSettings
-from consumers.settings import RedisSettings
 
 SASL = KafkaSettings(
     bootstrap_servers="kafka-1:9093,kafka-2:9093",

@@ -57,7 +57,7 @@ def test_compose_metrics_ports_match_prometheus(name: str) -> None:
         f"{name} serves metrics on {port}, Prometheus scrapes {prometheus_targets().get(name)}"
     )
     health = json.dumps((svc.get("healthcheck") or {}).get("test", ""))
-    for probed in re.findall(r":(\d+)/metrics", health):
+    for probed in re.findall(r":(\d+)/(?:metrics|healthz|readyz)", health):
         assert int(probed) == port, f"{name}: healthcheck probes :{probed}, metrics are on {port}"
 
 
