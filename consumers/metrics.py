@@ -23,7 +23,8 @@ class WorkerMetrics:
         self.messages = Counter("sluice_worker_messages", "Messages polled", ["modality"], registry=registry)
         self.results = Counter("sluice_worker_results", "Results acknowledged by the broker", ["modality"], registry=registry)
         self.dead_letters = Counter(
-            "sluice_worker_dead_letters", "Inputs sent to the dead-letter topic", ["modality", "stage"], registry=registry
+            "sluice_worker_dead_letters", "Inputs sent to the dead-letter topic, by stage and error type",
+            ["modality", "stage", "error"], registry=registry,
         )
         self.batch_size = Histogram(
             "sluice_worker_batch_size", "Messages per engine call", ["modality"],
@@ -38,6 +39,21 @@ class WorkerMetrics:
             buckets=_LATENCY_BUCKETS, registry=registry,
         )
         self.inflight = Gauge("sluice_worker_inflight_messages", "Polled, not yet safe", ["modality"], registry=registry)
+        self.inflight_bytes = Gauge(
+            "sluice_worker_inflight_bytes", "Bytes of the messages polled, not yet safe", ["modality"], registry=registry
+        )
+        self.lag = Gauge(
+            "sluice_worker_consumer_lag", "Messages behind the partition's high watermark, per assigned partition",
+            ["modality", "partition"], registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "sluice_worker_queue_seconds", "Capture until polled (network, broker, lag)", ["modality"],
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.batch_wait_seconds = Histogram(
+            "sluice_worker_batch_wait_seconds", "Polled until its batch closed", ["modality"],
+            buckets=_LATENCY_BUCKETS, registry=registry,
+        )
         self.paused = Gauge("sluice_worker_paused", "1 while over the in-flight budget", ["modality"], registry=registry)
         self.commits = Counter("sluice_worker_commits", "Offset commits", ["modality"], registry=registry)
         self.model_version = Gauge(

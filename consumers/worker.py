@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from consumers.batching import Batcher, Polled
@@ -95,6 +95,7 @@ class ModalityPipeline:
         )  # fmt: skip
         self._sampler = random.Random()
         self._shown_roles: set[str] = set()
+        self._lag_shown: set[TopicPartition] = set()
         self._metrics = metrics
         self._worker_id = worker_id
         self._decoder = decoder_for(self.spec, codec, settings.max_frame_pixels)
@@ -184,6 +185,7 @@ class ModalityPipeline:
 
     async def _poll_loop(self) -> None:
         consumer = self._checkpoint.consumer
+        polled_to: dict[TopicPartition, int] = {}  # one past the last offset polled, per partition
         while True:
             paused = self._checkpoint.apply_budget()
             self._metrics.paused.labels(self.name).set(int(paused))
@@ -194,8 +196,27 @@ class ModalityPipeline:
                     polled = Polled(message)
                     self._checkpoint.track(tp, message.offset, polled.size)
                     self._batcher.put(polled)
+                if messages:
+                    polled_to[tp] = messages[-1].offset + 1
                 self._metrics.messages.labels(self.name).inc(len(messages))
             self._metrics.inflight.labels(self.name).set(self._checkpoint.inflight())
+            self._metrics.inflight_bytes.labels(self.name).set(self._checkpoint.inflight_bytes)
+            self._show_lag(consumer, polled_to)
+
+    def _show_lag(self, consumer: AIOKafkaConsumer, polled_to: dict[TopicPartition, int]) -> None:
+        """Per assigned partition: the high watermark the last fetch returned (no request of its own) minus
+        one past the last offset polled. A partition not polled from yet is left out rather than shown as 0,
+        and one given up in a rebalance drops out of the gauge."""
+        assigned = consumer.assignment()
+        for tp in self._lag_shown - assigned:
+            self._metrics.lag.remove(self.name, str(tp.partition))
+            polled_to.pop(tp, None)
+        self._lag_shown = set()
+        for tp in assigned:
+            highwater = consumer.highwater(tp)
+            if highwater is not None and tp in polled_to:
+                self._metrics.lag.labels(self.name, str(tp.partition)).set(max(0, highwater - polled_to[tp]))
+                self._lag_shown.add(tp)
 
     async def _commit_loop(self) -> None:
         while True:
@@ -243,6 +264,8 @@ class ModalityPipeline:
                         inference_ms=inference_ms,
                         batch_size=len(group),
                     )
+                    self._metrics.queue_seconds.labels(self.name).observe(max(0.0, latency.queue_ms / 1000))
+                    self._metrics.batch_wait_seconds.labels(self.name).observe(latency.batch_wait_ms / 1000)
                     await self._publish_result(polled, item, runner.spec, row, latency)
             if serving.shadow is not None and self._sampler.random() < serving.shadow_share:
                 await self._shadow(serving.shadow, decoded, items, decode_ms, closed_at)
@@ -325,7 +348,7 @@ class ModalityPipeline:
 
     async def _dead_letter(self, polled: Polled, stage: str, error_type: str, reason: str) -> None:
         def delivered() -> None:
-            self._metrics.dead_letters.labels(self.name, stage).inc()
+            self._metrics.dead_letters.labels(self.name, stage, error_type).inc()
 
         await self._outcomes.dead_letter(polled.message, stage, error_type, reason, on_delivered=delivered)
 

@@ -105,6 +105,7 @@ async def test_in_flight_work_stays_within_the_budget(settings: SluiceSettings) 
     engine = ScriptedEngine(load_engines(settings.engine, ["frame"])["frame"], lambda call, _: 0.15)
     registry = CollectorRegistry()
     samples: list[tuple[float, float]] = []
+    lags: list[float] = []
     published: set = set()
 
     async def publish() -> set:
@@ -116,6 +117,7 @@ async def test_in_flight_work_stays_within_the_budget(settings: SluiceSettings) 
             inflight = registry.get_sample_value("sluice_worker_inflight_messages", {"modality": "frame"}) or 0
             paused = registry.get_sample_value("sluice_worker_paused", {"modality": "frame"}) or 0
             samples.append((inflight, paused))
+            lags.append(_lag(registry))
             await asyncio.sleep(0.02)
 
     sampler = asyncio.create_task(sample())
@@ -128,6 +130,16 @@ async def test_in_flight_work_stays_within_the_budget(settings: SluiceSettings) 
     assert observed.unique_sources() == published
     assert max(s[0] for s in samples) <= 8
     assert any(s[1] == 1 for s in samples), "the worker paused its partitions at the bound"
+    assert max(lags) > 0, "held at the bound, the worker lags behind the backlog, and says so"
+    assert _lag(registry) == 0, "and catches up"
+
+
+def _lag(registry: CollectorRegistry) -> float:
+    """sluice_worker_consumer_lag summed over the partitions it shows."""
+    return sum(
+        sample.value for metric in registry.collect() if metric.name == "sluice_worker_consumer_lag"
+        for sample in metric.samples
+    )  # fmt: skip
 
 
 async def test_a_poison_input_is_isolated_and_dead_lettered(settings: SluiceSettings) -> None:

@@ -72,7 +72,11 @@ METRICS_ROLES = {"worker": "worker", "sink": "sink", "notifier": "notifier"}
 METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "sluice_worker_messages_total": ("counter", frozenset({"modality"})),
     "sluice_worker_results_total": ("counter", frozenset({"modality"})),
-    "sluice_worker_dead_letters_total": ("counter", frozenset({"modality", "stage"})),
+    "sluice_worker_dead_letters_total": ("counter", frozenset({"modality", "stage", "error"})),
+    "sluice_worker_inflight_bytes": ("gauge", frozenset({"modality"})),
+    "sluice_worker_consumer_lag": ("gauge", frozenset({"modality", "partition"})),
+    "sluice_worker_queue_seconds": ("histogram", frozenset({"modality"})),
+    "sluice_worker_batch_wait_seconds": ("histogram", frozenset({"modality"})),
     "sluice_worker_batch_size": ("histogram", frozenset({"modality"})),
     "sluice_worker_inference_seconds": ("histogram", frozenset({"modality"})),
     "sluice_worker_capture_to_result_seconds": ("histogram", frozenset({"modality"})),

@@ -12,12 +12,14 @@ from prometheus_client import CollectorRegistry
 from consumers.metrics import SinkMetrics, WorkerMetrics
 from streams.apps.notifier import NotifierMetrics
 from tests.deploy.readers import (
+    DEPLOY,
     GRAFANA_DASHBOARD_PROVIDERS,
     GRAFANA_DASHBOARDS,
     LOOPBACK,
     METRIC_TOKEN_RE,
     METRICS,
     METRICS_ROLES,
+    PROMETHEUS,
     REPO,
     assert_known_metrics,
     compose,
@@ -157,3 +159,16 @@ def test_dashboard_provider_path_is_mounted() -> None:
     for path in provider_paths:
         assert path in mounts, f"dashboards.yml reads {path}, which is not mounted into grafana"
         assert (REPO / mounts[path]).resolve() == GRAFANA_DASHBOARDS.resolve()
+
+
+def test_alert_rules_query_known_metrics_and_are_loaded() -> None:
+    rules_file = DEPLOY / "prometheus" / "alerts.yml"
+    rules = [rule for group in load_yaml(rules_file)["groups"] for rule in group["rules"]]
+    assert len(rules) >= 5
+    for rule in rules:
+        if not rule["expr"].startswith("up{"):  # Prometheus's own per-target metric
+            assert assert_known_metrics(rule["expr"], f"alerts.yml {rule['alert']}"), rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
+    assert "/etc/prometheus/alerts.yml" in load_yaml(PROMETHEUS)["rule_files"]
+    volumes = overlay("observability")["services"]["prometheus"]["volumes"]
+    assert any(v.startswith("./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml") for v in volumes)
