@@ -37,6 +37,7 @@ from urllib.parse import urlparse
 import redis
 from pydantic import BaseModel
 
+from consumers.query_endpoint import QueryFailed, QueryUnavailable, query_endpoint
 from schemas.errors import redact_url
 from streams.local import processes
 from streams.local.processes import ManagedProcess, ProcessError
@@ -254,5 +255,27 @@ class LocalStack:
             process = processes.read(name, self.run_dir)
             running = process is not None and process.alive()
             rows.append(ServiceStatus(name, running, process.pid if running and process else None, endpoint))
-        rows.append(ServiceStatus("clickhouse", True, None, f"{redact_url(self.settings.clickhouse.dsn)} (embedded in the sink)"))
+        rows.append(self._clickhouse_status())
         return rows
+
+    def _clickhouse_status(self) -> ServiceStatus:
+        """The embedded engine has no process of its own: it runs inside the sink, which answers read-only
+        SQL when it does. A ClickHouse server is running when its HTTP port answers."""
+        dsn = self.settings.clickhouse.dsn
+        if dsn.startswith("chdb://"):
+            sink = self.settings.sink
+            url = f"http://{sink.query_host}:{sink.query_port}" if sink.query_port is not None else None
+            try:
+                serving = url is not None and bool(query_endpoint(url, "SELECT 1", timeout_s=2).rows)
+            except (QueryUnavailable, QueryFailed):
+                serving = False
+            where = f"embedded, data in {dsn.removeprefix('chdb://')}"
+            return ServiceStatus("clickhouse", serving, None,
+                                 f"{where}; {'a sink holds it, SQL at ' + url if serving else 'no sink running'}")  # fmt: skip
+        parsed = urlparse(dsn)
+        try:
+            with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 8123), timeout=2):
+                reachable = True
+        except OSError:
+            reachable = False
+        return ServiceStatus("clickhouse", reachable, None, redact_url(dsn))

@@ -26,6 +26,7 @@ from consumers.query_endpoint import QueryFailed, query_endpoint
 from consumers.sink import ClickHouseSink, _Entry, _token
 from schemas.codec import Codec
 from schemas.records import DeadLetter, InferenceResult
+from streams.local.stack import LocalStack
 from streams.settings import SluiceSettings, settings_env
 from tests.records import make_result
 
@@ -329,6 +330,8 @@ async def test_analysts_query_while_the_sink_runs_and_cannot_write(sink_settings
             with pytest.raises(QueryFailed) as refused:
                 await asyncio.to_thread(query_endpoint, url, sql)
             answers[name] = str(refused.value)
+        rows = await asyncio.to_thread(LocalStack(sink_settings).status)
+        answers["stack"] = next(row for row in rows if row.name == "clickhouse")
 
     asked: list[asyncio.Task] = []
 
@@ -342,4 +345,6 @@ async def test_analysts_query_while_the_sink_runs_and_cannot_write(sink_settings
     assert answers["cli"] == N, answers["cli"]
     assert "READONLY" in str(answers["drop"]) and "READONLY" in str(answers["insert"])
     assert "Syntax error" in str(answers["typo"])
+    stack_row = answers["stack"]
+    assert stack_row.running and "a sink holds it" in stack_row.endpoint, "sluice stack status sees the sink's engine"
     assert _count(sink_settings) == N, "nothing was dropped or written by the queries"

@@ -28,6 +28,7 @@ def test_stack_up_status_down_by_pid(tmp_path: Path) -> None:
         "SLUICE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
         "SLUICE_REDIS__URL": f"redis://127.0.0.1:{free_port()}/0",
         "SLUICE_STACK__RUN_DIR": str(tmp_path),
+        "SLUICE_SINK__QUERY_PORT": str(free_port()),
         "COLUMNS": "200",
     }
     try:
@@ -42,6 +43,7 @@ def test_stack_up_status_down_by_pid(tmp_path: Path) -> None:
 
         status = _sluice(env, "stack", "status")
         assert str(kafka.pid) in status.stdout and str(redis.pid) in status.stdout
+        assert "no sink running" in status.stdout, "the embedded ClickHouse is not shown as running without a sink"
 
         down = _sluice(env, "stack", "down")
         assert down.returncode == 0
