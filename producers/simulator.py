@@ -97,9 +97,12 @@ async def run_fleet(
     chunks_per_microphone: int | None = None,
     realtime: bool = True,
     stopping: asyncio.Event | None = None,
+    on_progress: Callable[[FleetReport, float], None] | None = None,
+    progress_every_s: float = 5.0,
 ) -> FleetReport:
     """Publish until `seconds` pass, every device has sent its count, or `stopping` is set.
-    With realtime=False, counts are sent as fast as the broker takes them."""
+    With realtime=False, counts are sent as fast as the broker takes them. `on_progress(report, elapsed_s)`
+    is called every `progress_every_s` meanwhile, so a long run is not silent."""
     if seconds is None and frames_per_camera is None and chunks_per_microphone is None:
         raise ValueError("give seconds, or a count of frames and/or audio chunks")
     rng = np.random.default_rng(sim.seed)
@@ -137,9 +140,13 @@ async def run_fleet(
         else:
             report.published[modality] += 1
 
+    next_progress = start + progress_every_s
     while queue and not (stopping is not None and stopping.is_set()):
         due = heapq.heappop(queue)
         now = time.monotonic()
+        if on_progress is not None and now >= next_progress:
+            on_progress(report, now - start)
+            next_progress = now + progress_every_s
         if seconds is not None and now - start >= seconds:
             break
         if realtime and due.at > now:

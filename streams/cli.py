@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import importlib.metadata
 import json
 import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -38,6 +39,9 @@ from rich.table import Table
 from schemas.errors import SluiceError
 from schemas.topics import MODALITY_NAMES
 from streams.settings import SluiceSettings, load_settings, redacted
+
+if TYPE_CHECKING:
+    from producers.simulator import FleetReport
 
 console = Console()
 
@@ -143,6 +147,7 @@ def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
                 chunks_per_microphone=args.audio_chunks,
                 realtime=not args.as_fast_as_possible,
                 stopping=stopping,
+                on_progress=_print_progress,
             )
         summary = report.as_dict()
         if args.report:
@@ -151,6 +156,13 @@ def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
         return 1 if report.failed else 0
 
     return _run_until_signalled(main)
+
+
+def _print_progress(report: FleetReport, elapsed_s: float) -> None:
+    Console(stderr=True).print(
+        f"{elapsed_s:6.1f} s: {report.frames_published} frames and {report.audio_published} audio chunks published"
+        + (f", [red]{report.failed} failed[/]" if report.failed else ""), highlight=False,
+    )  # fmt: skip
 
 
 def cmd_worker(settings: SluiceSettings, args: argparse.Namespace) -> int:
@@ -269,27 +281,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="TOML settings file (also SLUICE_CONFIG)")
     parser.add_argument("--log-level", help="overrides SLUICE_LOG_LEVEL")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its message")
+    parser.add_argument("--version", action="version", version=f"sluice {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("stack", help="the local broker and Redis")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("action", choices=["up", "down", "status"],
+                   help="up: start (idempotent) and create the topics; down: stop by PID; status: what runs where")
     p.set_defaults(func=cmd_stack)
 
     p = sub.add_parser("topics", help="create the topics")
-    p.add_argument("action", choices=["create"])
+    p.add_argument("action", choices=["create"], help="create the missing topics with the configured partitions")
     p.set_defaults(func=cmd_topics)
 
     p = sub.add_parser("simulate", help="synthetic cameras and microphones")
     p.add_argument("--seconds", type=float, help="run this long (default 60 unless counts are given)")
     p.add_argument("--frames", type=int, help="frames per camera, then stop")
     p.add_argument("--audio-chunks", type=int, help="audio chunks per microphone, then stop")
-    p.add_argument("--cameras", type=int)
-    p.add_argument("--camera-fps", type=float)
-    p.add_argument("--microphones", type=int)
-    p.add_argument("--chunks-per-s", type=float)
-    p.add_argument("--encoding", choices=["raw", "jpeg"])
+    p.add_argument("--cameras", type=int, help="number of cameras (SLUICE_SIMULATOR__CAMERAS)")
+    p.add_argument("--camera-fps", type=float, help="frames per second per camera")
+    p.add_argument("--microphones", type=int, help="number of microphones")
+    p.add_argument("--chunks-per-s", type=float, help="audio chunks per second per microphone")
+    p.add_argument("--encoding", choices=["raw", "jpeg"], help="how cameras encode frames")
     p.add_argument("--drift-at", type=float, help="seconds after start when drift begins (darker frames, noisier audio)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of the scenes (same seed, same frames and labels)")
     p.add_argument("--as-fast-as-possible", action="store_true", help="ignore the rates (with counts)")
     p.add_argument("--report", type=Path, help="write the publish counts as JSON here")
     p.set_defaults(func=cmd_simulate)
@@ -306,12 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     p = sub.add_parser("demo", help="the whole system for a while, then a summary")
-    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--seconds", type=float, default=60.0, help="how long the simulator publishes")
     p.add_argument("--json", type=Path, help="also write the summary here")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="speed ratios measured side by side in one run")
-    p.add_argument("what", choices=["engines", "pipeline", "cookbook"])
+    p.add_argument("what", choices=["engines", "pipeline", "cookbook"],
+                   help="engines: items/s per batch size; pipeline: a worker draining a backlog; cookbook: the "
+                        "analyst queries on generated rows")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="engines: sizes to compare")
     p.add_argument("--seconds", type=float, default=2.0, help="engines: time per batch size")
     p.add_argument("--messages", type=int, default=2000, help="pipeline: backlog of frames to drain per variant")
@@ -320,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("clickhouse", help="apply the DDL, or run read-only SQL (prints JSON rows; served by a running sink)")
-    p.add_argument("action", choices=["migrate", "query"])
-    p.add_argument("sql", nargs="?", default="SELECT 1")
+    p.add_argument("action", choices=["migrate", "query"], help="migrate: apply the DDL; query: run read-only SQL")
+    p.add_argument("sql", nargs="?", default="SELECT 1", help="the SQL of `query`")
     p.set_defaults(func=cmd_clickhouse)
 
     p = sub.add_parser("models", help="the model repository, and which version serves")
@@ -333,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("sluice")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=get_args(Precision), default="fp16", help="of the TensorRT plan")
     for action, text in (("activate", "make a version serve"), ("deactivate", "take a version out of service")):
         p = actions.add_parser(action, help=text)
-        p.add_argument("model")
-        p.add_argument("version", type=int)
+        p.add_argument("model", help="the model's name in the repository")
+        p.add_argument("version", type=int, help="one of its version numbers (sluice models list)")
         if action == "activate":
             role = p.add_mutually_exclusive_group()
             role.add_argument("--canary", type=float, metavar="SHARE",

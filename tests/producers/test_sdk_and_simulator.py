@@ -89,7 +89,14 @@ async def test_simulator_paces_devices_at_their_rate(settings: SluiceSettings) -
     sim = settings.simulator.model_copy(update={"cameras": 2, "camera_fps": 20.0, "microphones": 0})
     async with device_client(settings.kafka, "test") as client:
         started = asyncio.get_running_loop().time()
-        report = await run_fleet(client, sim, seconds=1.0)
+        progress: list[tuple[int, float]] = []
+        report = await run_fleet(
+            client, sim, seconds=1.0, on_progress=lambda r, at: progress.append((r.inputs_published, at)),
+            progress_every_s=0.3,
+        )  # fmt: skip
         elapsed = asyncio.get_running_loop().time() - started
     assert 30 <= report.frames_published <= 42, "2 cameras x 20 fps x 1 s"
     assert elapsed < 3
+    assert len(progress) >= 2, "a long run reports as it goes"
+    assert [at for _, at in progress] == sorted(at for _, at in progress)
+    assert progress[-1][0] >= progress[0][0]

@@ -1,8 +1,13 @@
 """Mistakes a user can fix end in one line saying what is wrong, and exit status 2; `--debug` adds the traceback."""
 
+import argparse
 import os
 import subprocess
 import sys
+
+import pytest
+
+from streams.cli import build_parser
 
 
 def _sluice(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -34,3 +39,20 @@ def test_config_never_prints_a_password() -> None:
     for secret in ("hunter2", "s3cret", "k4fka"):
         assert secret not in result.stdout
     assert "https://bob:***@ch:8443" in result.stdout, "what the DSN points at stays visible"
+
+
+def test_every_argument_says_what_it_is_for_and_the_version_is_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    def undocumented(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += undocumented(sub, f"{path} {name}")
+            elif action.help is None:
+                found.append(f"{path} {action.dest}")
+        return found
+
+    assert undocumented(build_parser(), "sluice") == []
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["--version"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("sluice ")
