@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, PositiveInt, SecretStr, field_validator
 
 from producers.sdk import DeviceClient
 from schemas.errors import SluiceError
@@ -37,26 +37,36 @@ class KafkaSettings(BaseModel):
     sasl_password: SecretStr | None = None
     # Group membership. Short enough that a joining worker starts in seconds,
     # long enough that a busy host does not lose its heartbeat.
-    session_timeout_ms: int = 10_000
-    heartbeat_interval_ms: int = 1_000
-    rebalance_timeout_ms: int = 5_000
+    session_timeout_ms: PositiveInt = 10_000
+    heartbeat_interval_ms: PositiveInt = 1_000
+    rebalance_timeout_ms: PositiveInt = 5_000
     # Polling and processing are separate tasks, so this is only a safety net.
-    max_poll_interval_ms: int = 300_000
+    max_poll_interval_ms: PositiveInt = 300_000
     # Tansu does not wake a waiting fetch when data arrives, so a long wait here
     # adds up to this much latency per hop. Apache Kafka answers as soon as data
     # arrives, so there a short wait only costs idle fetch requests: the compose
     # and k8s deployments set 500.
-    fetch_max_wait_ms: int = 10
-    max_partition_fetch_bytes: int = 4 * 1024 * 1024
+    fetch_max_wait_ms: int = Field(10, ge=0)
+    max_partition_fetch_bytes: PositiveInt = 4 * 1024 * 1024
     # Producer: acks from all in-sync replicas, a short linger so batches form
     # without adding visible latency. Idempotence and transactions stay off:
     # delivery is at-least-once through commit ordering, and Tansu lacks them.
     acks: Literal["all", "1", "0"] = "all"
-    linger_ms: int = 5
+    linger_ms: int = Field(5, ge=0)
     compression_type: Literal["lz4", "gzip", "zstd", "snappy"] | None = "lz4"
-    max_request_size: int = 4 * 1024 * 1024
-    request_timeout_ms: int = 30_000
+    max_request_size: PositiveInt = 4 * 1024 * 1024
+    request_timeout_ms: PositiveInt = 30_000
     topics: TopicSettings = Field(default_factory=TopicSettings)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        """host:port[,host:port...]: a typo here would otherwise surface as a ValueError deep in the client."""
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server.strip()!r} is not host:port (e.g. kafka-1:9092; several separated by commas)")
+        return value
 
     def _ssl_context(self) -> SSLContext | None:
         return create_ssl_context() if self.security_protocol in ("SSL", "SASL_SSL") else None

@@ -36,6 +36,7 @@ async def run_until_done(
         results = await asyncio.gather(*runs, return_exceptions=True)
     finally:
         joined_all.cancel()
+        await asyncio.gather(joined_all, return_exceptions=True)  # retrieved: asyncio logs no stray CancelledError
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:
         raise failures[0]

@@ -180,15 +180,22 @@ class ClickHouseSink:
 
     async def run(self, stopping: asyncio.Event) -> None:
         ch = self._clickhouse
-        self._client = await self._thread.call(connect, ch.dsn)
-        applied = await self._thread.call(apply_migrations, self._client, ch.migrations_dir, ch.database)
-        await self._thread.call(
-            apply_retention, self._client, ch.database, ch.retention_days, ch.aggregate_retention_days
-        )
-        log.info("ClickHouse ready (migrations applied now: %s)", applied or "none")
-        endpoint = self._serve_queries()
-        await ensure_topics(self._kafka)
         consumer = self.checkpoint.consumer
+        try:
+            self._client = await self._thread.call(connect, ch.dsn)
+            applied = await self._thread.call(apply_migrations, self._client, ch.migrations_dir, ch.database)
+            await self._thread.call(
+                apply_retention, self._client, ch.database, ch.retention_days, ch.aggregate_retention_days
+            )
+            log.info("ClickHouse ready (migrations applied now: %s)", applied or "none")
+            await ensure_topics(self._kafka)
+        except BaseException:
+            # Not started yet, but built: closed, so that the one line of the error is all a user sees.
+            await consumer.stop()
+            await self._producer.stop()
+            self._thread.close(wait=True)
+            raise
+        endpoint = self._serve_queries()
         await self._producer.start()
         await consumer.start()
         self.checkpoint.subscribe(list(self._tables))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PositiveInt
 
 # The bundled models ship inside this package, so the default works from a wheel as from a checkout.
 BUNDLED_MODELS = Path(__file__).resolve().parent / "models"
@@ -19,7 +19,7 @@ class EngineSettings(BaseModel):
     # "auto": the precision each model's config.json names (fp32 for the bundled models).
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # CPU threads per engine: ONNX Runtime's per session; torch's are per process, so the last engine loaded sets them.
-    intra_op_threads: int = 1
+    intra_op_threads: PositiveInt = 1
     model_repository: Path = BUNDLED_MODELS
     # One model per modality: `<modality>_model` and `<modality>_model_version` (None: the highest version).
     frame_model: str = "frame_classifier"

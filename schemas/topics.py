@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PositiveInt
 
 from schemas.codec import AUDIO_CHUNK, FRAME_CHUNK
 from schemas.errors import ConfigError
@@ -29,13 +29,13 @@ class TopicSettings(BaseModel):
     shadow_results: str = "sluice.results.shadow"
     alerts: str = "sluice.alerts"
     dead_letters: str = "sluice.dead-letters"
-    frames_partitions: int = 8
-    audio_partitions: int = 4
-    results_partitions: int = 8
-    shadow_results_partitions: int = 8
-    alerts_partitions: int = 2
-    dead_letters_partitions: int = 2
-    replication_factor: int = 1
+    frames_partitions: PositiveInt = 8
+    audio_partitions: PositiveInt = 4
+    results_partitions: PositiveInt = 8
+    shadow_results_partitions: PositiveInt = 8
+    alerts_partitions: PositiveInt = 2
+    dead_letters_partitions: PositiveInt = 2
+    replication_factor: PositiveInt = 1
 
     def plan(self) -> dict[str, int]:
         """Every topic Sluice uses, with its partition count."""

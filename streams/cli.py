@@ -56,6 +56,7 @@ def _setup_logging(level: str) -> None:
         fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=level.upper(), format=fmt, handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat the error we report
 
 
 def _ready_callback(path: Path | None) -> Callable[[], None] | None:

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
-import os
+import json
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,6 @@ import pytest
 from consumers.model_control import ModelControl, ModelPlan
 from consumers.model_swap import ModelSwap, PlanWatch
 from engines import Engine, EngineSettings, load_version
-from streams.local.harness import rss_mb
 from streams.settings import SluiceSettings
 from tests.model_versions import MODEL, repository
 
@@ -108,7 +108,7 @@ async def test_a_version_that_fails_leaves_the_old_one_serving_and_leaks_no_thre
     swap: ModelSwap, version: int, why: str
 ) -> None:
     await swap.warmup()
-    threads = _engine_threads()
+    threads = engine_threads()
     assert not await swap.apply(ModelPlan(model=MODEL, active=version, revision=1))
     assert swap.current.versions() == {"active": 1}
     assert swap.current.revision == 0, "the failed revision is not reported as applied"
@@ -116,7 +116,7 @@ async def test_a_version_that_fails_leaves_the_old_one_serving_and_leaks_no_thre
     assert re.search(why, swap.last_failure.reason), swap.last_failure.reason
     rows = await swap.current.active.infer(_batch(4))
     assert all(row is not None for row in rows), "v1 still serves"
-    assert _engine_threads() == threads, "the failed version's engine thread is gone"
+    assert engine_threads() == threads, "the failed version's engine thread is gone"
 
 
 async def test_canary_and_shadow_load_beside_the_active_version_without_reloading_it(swap: ModelSwap) -> None:
@@ -137,23 +137,22 @@ async def test_canary_and_shadow_load_beside_the_active_version_without_reloadin
 
 
 @pytest.mark.slow
-async def test_fifty_activate_cycles_keep_memory_and_threads_flat(swap: ModelSwap) -> None:
+def test_fifty_activate_cycles_keep_memory_and_threads_flat(versions: Path) -> None:
     """Triton's users report reload leaks (triton-inference-server #3320, #5841, #8969). The tolerance: 40 MB of
-    RSS growth from cycle 10 to cycle 50. One version of this model is ~1 MB of weights and an ONNX Runtime
-    session of some 10-20 MB with its arenas: a session leaked per cycle would add 400 MB or more."""
-    await swap.warmup()
-    threads = _engine_threads()
-    rss: dict[int, float] = {}
-    for cycle in range(1, 51):
-        assert await swap.apply(ModelPlan(model=MODEL, active=2 if cycle % 2 else 1, revision=cycle))
-        assert (await swap.current.active.infer(_batch(2)))[0] is not None
-        if cycle in (10, 50):
-            gc.collect()
-            rss[cycle] = rss_mb(os.getpid()) or 0.0
-    assert swap.swaps == 50
-    assert _engine_threads() == threads
-    growth = rss[50] - rss[10]
-    print(f"RSS after cycle 10: {rss[10]:.1f} MB, after cycle 50: {rss[50]:.1f} MB, growth {growth:+.1f} MB")
+    RSS growth from cycle 10 to cycle 50, in a process that does nothing else. One version of this model is ~1 MB
+    of weights and an ONNX Runtime session of some 10-20 MB with its arenas: a session leaked per cycle would
+    add 400 MB or more."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.consumers.swap_cycles", str(versions), "50"],
+        capture_output=True, text=True, timeout=240, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = figures["rss_mb_50"] - figures["rss_mb_10"]
+    print(f"RSS after cycle 10: {figures['rss_mb_10']:.1f} MB, after cycle 50: {figures['rss_mb_50']:.1f} MB, "
+          f"growth {growth:+.1f} MB")  # fmt: skip
+    assert figures["swaps"] == 50
+    assert figures["threads_after"] == figures["threads_before"], "no engine thread left behind"
     assert growth < 40, f"RSS grew {growth:.1f} MB over 40 swap cycles"
 
 
@@ -180,7 +179,7 @@ async def test_plan_watch_follows_notices_and_reports_what_it_serves(settings: S
         swap.close()
 
 
-def _engine_threads() -> int:
+def engine_threads() -> int:
     """Engine threads alive (`EngineRunner`: one per loaded version). The loader's own thread is not counted:
     it starts with the first load and lives as long as the pipeline."""
     return sum(thread.name.startswith("engine-") for thread in threading.enumerate())

@@ -84,12 +84,17 @@ async def _run_sink(
 
 
 def _migrated(client: Client, settings: SluiceSettings) -> bool:
-    """Whether every migration is applied (a test that takes a table away must wait for that)."""
+    """Whether the sink has set ClickHouse up: every migration applied, and the retention set on the last
+    table it sets (a test that takes a table away must wait for that)."""
     db = settings.clickhouse.database
     if not client.command(f"EXISTS TABLE {db}.schema_migrations"):
         return False
     applied = int(client.command(f"SELECT count() FROM {db}.schema_migrations"))
-    return applied == len(list(settings.clickhouse.migrations_dir.glob("*.sql")))
+    if applied != len(list(settings.clickhouse.migrations_dir.glob("*.sql"))):
+        return False
+    last = client.command(f"SELECT create_table_query FROM system.tables WHERE database = '{db}' "
+                          "AND name = 'input_stats_per_minute'")  # fmt: skip
+    return " TTL " in str(last)
 
 
 def _rows(registry: CollectorRegistry) -> float:

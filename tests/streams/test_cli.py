@@ -21,6 +21,25 @@ def test_an_invalid_setting_is_one_line_without_a_traceback() -> None:
     assert "SLUICE_WORKER__MAX_BATCH_SIZE" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "says"),
+    [
+        (["config"], {"SLUICE_WORKER__MAX_BATCH_SIZE": "0"}, "SLUICE_WORKER__MAX_BATCH_SIZE"),
+        (["config"], {"SLUICE_SIMULATOR__CAMERA_FPS": "-1"}, "SLUICE_SIMULATOR__CAMERA_FPS"),
+        (["config"], {"SLUICE_SINK__QUERY_PORT": "70000"}, "SLUICE_SINK__QUERY_PORT"),
+        (["config"], {"SLUICE_KAFKA__TOPICS__FRAMES_PARTITIONS": "0"}, "FRAMES_PARTITIONS"),
+        (["sink"], {"SLUICE_KAFKA__BOOTSTRAP_SERVERS": "kafka:abc"}, "is not host:port"),
+        (["sink"], {"SLUICE_CLICKHOUSE__DSN": "http://127.0.0.1:1"}, "cannot open ClickHouse at http://127.0.0.1:1"),
+    ],
+    ids=["batch-size-0", "negative-fps", "port-out-of-range", "no-partitions", "bootstrap-typo", "clickhouse-closed"],
+)
+def test_configuration_mistakes_end_in_one_clear_line(args: list[str], env: dict[str, str], says: str) -> None:
+    result = _sluice(*args, **env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert says in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert "Unclosed" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
+
+
 def test_debug_shows_the_traceback() -> None:
     result = _sluice("--debug", "config", SLUICE_WORKER__MAX_BATCH_SIZE="many")
     assert result.returncode != 0 and "Traceback" in result.stderr and "ConfigError" in result.stderr
