@@ -6,6 +6,10 @@ dtype (the batch axis is dynamic) and returns class probabilities
 tensors (`ModelSpec`). `infer` is blocking and is called from one worker thread
 at a time, so a backend may keep per-session state (streams, pinned buffers,
 CUDA graphs) without locks.
+
+`infer` takes a host array. `infer_device` takes a batch already on the engine's
+device (frames decoded on the GPU), which a backend that supports it runs without
+the host-to-device copy; the others say they cannot.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 
 import numpy as np
 
 from engines.repository import ModelSpec, TensorSpec
 from schemas.errors import SluiceError
+
+if TYPE_CHECKING:
+    import torch
 
 Device = Literal["cpu", "cuda"]
 
@@ -47,6 +54,14 @@ class Engine(ABC):
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def infer_device(self, batch: torch.Tensor) -> np.ndarray:
+        """`infer` for a batch already on the engine's device: a torch tensor shaped `[N, *input.shape]` with
+        the input's dtype, such as frames decoded on the GPU. A backend that supports it skips the host
+        staging copy; this one takes host arrays only."""
+        raise EngineUnavailable(
+            f"the {self.kind} engine takes host arrays, not a batch on a device (use the torch engine on cuda)"
+        )
 
     def warmup(self, sizes: Iterable[int] | int) -> None:
         """Run every batch size in `sizes` once before taking traffic: the first call at a new size can

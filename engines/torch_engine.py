@@ -8,7 +8,8 @@ On CUDA a batch goes through pinned host buffers, so its copies are asynchronous
 the engine's own stream, so it never queues behind another engine's work; and batches of a bucket size
 (`batching.preferred_batch_sizes`) replay a CUDA graph captured on that bucket's first batch: one
 launch instead of one per kernel, which is most of the time of a small model at a small batch.
-A batch is padded up to its bucket; a batch no bucket holds runs eagerly.
+A batch is padded up to its bucket; a batch no bucket holds runs eagerly. A batch already on the GPU
+(`infer_device`: frames decoded by nvJPEG) takes the same path without the pinned staging copy.
 
 fp16 and bf16 run under autocast, weights staying fp32: an exported graph casts its raw uint8 or
 int16 input to float32 itself, so casting the weights instead (`module.half()`) would mix dtypes.
@@ -80,6 +81,39 @@ class TorchEngine(Engine):
             raise
         except Exception as exc:  # torch raises RuntimeError, but an exported program's guards raise others
             raise EngineError(f"torch failed on a batch of {len(batch)}: {exc}") from exc
+
+    def infer_device(self, batch: torch.Tensor) -> np.ndarray:
+        """`infer` for a tensor already on this engine's device: on CUDA it is copied device to device into a
+        bucket's graph input (or run eagerly), never staged through host memory."""
+        if self._module is None:
+            raise self._closed()
+        batch = self._checked_tensor(batch)
+        try:
+            if self._cuda is not None:
+                return self._cuda.infer_device(batch)
+            return self._forward(batch).numpy()
+        except EngineError:
+            raise
+        except Exception as exc:  # as in infer
+            raise EngineError(f"torch failed on a device batch of {len(batch)}: {exc}") from exc
+
+    def _checked_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """`batch` as a contiguous tensor, once it is known to match the declared input and to lie on this
+        engine's device type: a CPU tensor given to a CUDA engine would be copied back silently."""
+        torch = self._torch
+        shape = tuple(self.input.shape)
+        if (
+            not isinstance(batch, torch.Tensor) or batch.device.type != self._device.type
+            or batch.dtype != getattr(torch, self.input.dtype) or tuple(batch.shape[1:]) != shape or len(batch) == 0
+        ):  # fmt: skip
+            got = type(batch).__name__
+            if isinstance(batch, torch.Tensor):
+                got = f"{list(batch.shape)} {batch.dtype} on {batch.device}"
+            raise EngineError(
+                f"{self.spec.name} takes [N>=1, {', '.join(map(str, shape))}] {self.input.dtype} on "
+                f"{self._device.type}, not {got}"
+            )
+        return batch.contiguous()
 
     @property
     def graph_buckets(self) -> list[int]:
@@ -169,23 +203,33 @@ class _CudaRunner:
         out = np.empty((len(batch), *self._spec.output.shape), dtype=np.float32)
         for start in range(0, len(batch), self._rows):
             chunk = batch[start : start + self._rows]
+            self._host_in_array[: len(chunk)] = chunk
+            out[start : start + len(chunk)] = self._run(self._host_in[: len(chunk)])
+        return out
+
+    def infer_device(self, batch: torch.Tensor) -> np.ndarray:
+        # The batch may still be being written on the calling thread's stream: the engine's stream waits for it.
+        self._stream.wait_stream(self._torch.cuda.current_stream(self._device))
+        out = np.empty((len(batch), *self._spec.output.shape), dtype=np.float32)
+        for start in range(0, len(batch), self._rows):
+            chunk = batch[start : start + self._rows]
             out[start : start + len(chunk)] = self._run(chunk)
         return out
 
-    def _run(self, chunk: np.ndarray) -> np.ndarray:
+    def _run(self, chunk: torch.Tensor) -> np.ndarray:
+        """`chunk` (rows of the pinned staging buffer, or rows already on the device) through the model."""
         torch = self._torch
         n = len(chunk)
-        self._host_in_array[:n] = chunk
         bucket = self._spec.bucket_for(n)
         with torch.cuda.stream(self._stream):
             if bucket in self._buckets:
                 captured = self.graphs.get(bucket) or self._capture(bucket)
                 # Rows n..bucket keep an earlier batch's items: their outputs are computed and ignored.
-                captured.input[:n].copy_(self._host_in[:n], non_blocking=True)
+                captured.input[:n].copy_(chunk, non_blocking=True)
                 captured.graph.replay()
                 result = captured.output[:n]
             else:
-                result = self._forward(self._host_in[:n].to(self._device, non_blocking=True))
+                result = self._forward(chunk.to(self._device, non_blocking=True))  # no copy for a device chunk
             self._host_out[:n].copy_(result, non_blocking=True)
         # The pinned buffers are reused by the next batch, and the result is read on the host right after.
         self._stream.synchronize()

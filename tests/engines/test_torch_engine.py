@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines import ModelRepository, load_engine
+from engines import EngineError, EngineUnavailable, ModelRepository, load_engine
 from engines.repository import ModelSpec, Precision, model_checksum
 
 torch = pytest.importorskip("torch")
@@ -78,6 +78,51 @@ def test_slices_and_buckets_on_cpu_need_no_padding(zoo_repository: ModelReposito
         assert engine.graph_buckets == []
         parts = np.concatenate([engine.infer(batch[:3]), engine.infer(batch[3:])])
     np.testing.assert_allclose(parts, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_a_batch_already_on_the_device_gives_what_the_host_batch_gives(
+    shaped_repository: ModelRepository, random_batch: RandomBatch
+) -> None:
+    spec = shaped_repository.resolve("frame_shaped")
+    batch = random_batch(spec, 3)
+    with TorchEngine(spec) as engine:  # on the CPU, the engine's device is the host
+        np.testing.assert_array_equal(engine.infer_device(torch.from_numpy(batch)), engine.infer(batch))
+
+
+@pytest.mark.parametrize(
+    "wrong",
+    [lambda t: t.float(), lambda t: t[:, :100], lambda t: t[:0], lambda t: t.numpy()],
+    ids=["dtype", "shape", "empty", "not a tensor"],
+)
+def test_a_device_batch_that_is_not_the_declared_input_is_refused(
+    shaped_repository: ModelRepository, random_batch: RandomBatch, wrong: Callable[[torch.Tensor], object]
+) -> None:
+    spec = shaped_repository.resolve("frame_shaped")
+    with TorchEngine(spec) as engine, pytest.raises(EngineError, match=r"takes \[N>=1, 224, 224, 3\] uint8 on cpu"):
+        engine.infer_device(wrong(torch.from_numpy(random_batch(spec, 2))))
+
+
+def test_engines_of_host_arrays_say_they_take_no_device_batch(
+    shaped_repository: ModelRepository, random_batch: RandomBatch
+) -> None:
+    spec = shaped_repository.resolve("frame_shaped")
+    with load_engine("onnxruntime", spec) as engine, pytest.raises(EngineUnavailable, match="takes host arrays"):
+        engine.infer_device(torch.from_numpy(random_batch(spec, 1)))
+
+
+@needs_cuda
+def test_torch_cuda_takes_a_device_batch_through_its_graphs_and_slices(
+    zoo_repository: ModelRepository, random_batch: RandomBatch
+) -> None:
+    spec = zoo_repository.resolve("resnet18")  # buckets 1, 4, 8 of max 8
+    with TorchEngine(spec, "cuda", "fp16") as engine:
+        for n in (1, 3, 19):  # 3 pads to bucket 4 (a graph); 19 is sliced 8 + 8 + 3
+            batch = random_batch(spec, n)
+            on_device = torch.from_numpy(batch).cuda()
+            np.testing.assert_allclose(engine.infer_device(on_device), engine.infer(batch), rtol=1e-3, atol=1e-6)
+        assert engine.graph_buckets == [1, 4, 8]
+        with pytest.raises(EngineError, match="on cuda, not"):
+            engine.infer_device(torch.from_numpy(random_batch(spec, 2)))  # a host tensor
 
 
 @needs_cuda
