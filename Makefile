@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # torch (training, export) is pinned exactly in pyproject.toml: a looser spec pulls the CUDA build.
-EXTRAS_DEMO := local
-EXTRAS_TEST := local,train,dev
+EXTRAS_DEMO := runtime,local
+EXTRAS_TEST := runtime,local,train,dev
 
 .PHONY: demo test venv train clean
 

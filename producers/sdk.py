@@ -20,10 +20,10 @@ import uuid
 from typing import Any, Literal
 
 import numpy as np
+import simplejpeg
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from aiokafka.structs import RecordMetadata
-from PIL import Image
 
 from schemas.codec import Codec
 from schemas.errors import SluiceError
@@ -113,9 +113,9 @@ class DeviceClient:
             raise ValueError(f"frame must be HxWx1 or HxWx3 uint8, got {frame.shape} {frame.dtype}")
         height, width, channels = frame.shape
         if encoding == "jpeg":
-            buf = io.BytesIO()
-            Image.fromarray(frame if channels == 3 else frame[:, :, 0]).save(buf, format="JPEG", quality=jpeg_quality)
-            data = buf.getvalue()
+            data = simplejpeg.encode_jpeg(
+                np.ascontiguousarray(frame), quality=jpeg_quality, colorspace="RGB" if channels == 3 else "GRAY"
+            )
         else:
             data = np.ascontiguousarray(frame).tobytes()
         record = FrameChunk(

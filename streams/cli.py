@@ -32,9 +32,14 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.logging import RichHandler
-from rich.table import Table
+try:
+    from rich.console import Console
+    from rich.logging import RichHandler
+    from rich.table import Table
+
+    import streams.settings  # noqa: F401 (pydantic-settings: the first import of the runtime extra)
+except ImportError as missing:  # the base install is the device SDK alone
+    sys.exit(f"error: the sluice command needs the runtime ({missing.name} is missing): pip install 'sluice[runtime]'")
 
 from schemas.errors import SluiceError
 from schemas.topics import MODALITY_NAMES

@@ -48,7 +48,9 @@ def test_dockerfile_runtime_image() -> None:
     users = [rest for instr, rest in runtime_stage() if instr == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}, "the image must run as a non-root user"
     installs = [rest for instr, rest in instrs if instr == "RUN" and "pip install" in rest]
-    assert any(re.search(r"pip install (\S+ )*\.(\s|$|&)", r) for r in installs), "expected `pip install .`"
+    assert any(re.search(r"pip install (\S+ )*\"?\.\[runtime\]\"?(\s|$|&)", r) for r in installs), (
+        "expected `pip install \".[runtime]\"` (the base install is the device SDK alone)"
+    )
     for extra in ("train", "local", "tensorrt", "torch"):
         assert not any(extra in r for r in installs), f"the runtime image must not install {extra!r}"
 
