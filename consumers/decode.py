@@ -71,10 +71,7 @@ class FrameDecoder:
     def decode_into(self, value: bytes | None, out: np.ndarray) -> DecodedInput:
         """One input, written into `out` (a row of a batch, shaped like one model input); its item is `out`."""
         record, data = self.read(value)
-        if record.encoding == "JPEG":
-            self._jpeg_into(data, out)
-        else:
-            self._fit_into(self._from_raw(record, data), out)
+        self.payload_into(record, data, out)
         return DecodedInput(record, out)
 
     def read(self, value: bytes | None) -> tuple[FrameChunk, bytes]:
@@ -84,6 +81,13 @@ class FrameDecoder:
         _check_identity(record)
         data, record.data = record.data, b""
         return record, data
+
+    def payload_into(self, record: FrameChunk, data: bytes, out: np.ndarray) -> None:
+        """The payload of a frame `read` returned, decoded and checked, into `out` as one model input."""
+        if record.encoding == "JPEG":
+            self._jpeg_into(data, out)
+        else:
+            self._fit_into(self._from_raw(record, data), out)
 
     def jpeg_size(self, data: bytes) -> tuple[int, int]:
         """(height, width) that a JPEG payload declares, once it is known to be a whole JPEG within the
