@@ -1,16 +1,18 @@
 """The inference worker: Kafka in, batched inference, one result per input out.
 
 `run_worker` runs one `ModalityPipeline` per modality in one process, each with
-its own consumer group (`<group_prefix>-<modality>`) and three tasks:
+its own consumer group (`<group_prefix>-<modality>`) and these tasks:
 
 - poll: `getmany` in a loop; each message is tracked in the checkpoint and queued
   for the batcher. Over the in-flight budget the checkpoint pauses the partitions
   and polling goes on, so the consumer stays in its group however long the
   engine takes (aiokafka #848).
-- infer: closes a batch (size or deadline, `batching.py`), decodes it into one
-  contiguous array (`decode.py`), runs the engine on its own thread
-  (`engine_runner.py`), and publishes one result per input, or a dead letter for
-  an input that cannot be used (`outcomes.py`).
+- decode: closes a batch (size or deadline, `batching.py`) and decodes it on the
+  decode pool's threads straight into one contiguous array (`decode.py`), while
+  the previous batch is inferred: decoding overlaps with inference and polling.
+- infer: runs the engine on its own thread (`engine_runner.py`), and publishes
+  one result per input, or a dead letter for an input that cannot be used
+  (`outcomes.py`).
 - commit: every commit interval, the checkpoint commits the acknowledged prefix.
 - models (when Redis holds model plans): follows the model's plan, loading and
   warming a new version beside the serving one and swapping between two batches
@@ -30,6 +32,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -38,7 +41,7 @@ from prometheus_client import CollectorRegistry
 from consumers.batching import Batcher, Polled
 from consumers.checkpoint import Checkpoint
 from consumers.clickhouse import row_problem
-from consumers.decode import DecodedInput, InvalidInput, decoder_for
+from consumers.decode import DecodedBatch, DecodedInput, DecodePool, InvalidInput, decode_threads, decoder_for
 from consumers.engine_runner import EngineRunner
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import run_until_done
@@ -98,7 +101,11 @@ class ModalityPipeline:
         self._lag_shown: set[TopicPartition] = set()
         self._metrics = metrics
         self._worker_id = worker_id
-        self._decoder = decoder_for(self.spec, codec, settings.max_frame_pixels)
+        self._decode_pool = DecodePool(
+            decoder_for(self.spec, codec, settings.max_frame_pixels), decode_threads(settings.decode_threads)
+        )
+        # One decoded batch waits while the engine runs the one before: enough to overlap, and it bounds memory.
+        self._decoded: asyncio.Queue[_DecodedWork] = asyncio.Queue(maxsize=1)
         consumer = make_consumer(kafka, settings.group_id(self.name), role=f"{self.name}-{worker_id}")
         self._checkpoint = Checkpoint(
             consumer, f"worker-{self.name}",
@@ -123,6 +130,7 @@ class ModalityPipeline:
 
     def close(self) -> None:
         self.models.close()
+        self._decode_pool.close()
 
     def _applied(self, served: bool) -> None:
         self._metrics.model_swaps.labels(self.name, "ok" if served else "failed").inc()
@@ -145,6 +153,7 @@ class ModalityPipeline:
         tasks = [
             asyncio.create_task(self._poll_loop(), name=f"poll-{self.name}"),
             asyncio.create_task(self._infer_loop(), name=f"infer-{self.name}"),
+            asyncio.create_task(self._decode_loop(), name=f"decode-{self.name}"),
             asyncio.create_task(self._commit_loop(), name=f"commit-{self.name}"),
         ]
         if self._watch is not None:
@@ -164,13 +173,14 @@ class ModalityPipeline:
             raise WorkerFailed(f"{self.name} pipeline failed: {self._failure}") from self._failure
 
     async def _shutdown(self, tasks: list[asyncio.Task]) -> None:
-        poll, infer, *others = tasks
+        poll, infer, decode, *others = tasks
         poll.cancel()
         for task in others:
             task.cancel()
         # Finish what was polled, so its offsets are committed now rather than redone by the next owner.
         left = await self._checkpoint.drain()
         infer.cancel()
+        decode.cancel()
         self._outcomes.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self._checkpoint.consumer.stop()  # leaves the group, so the others rebalance at once
@@ -224,26 +234,32 @@ class ModalityPipeline:
             if await self._checkpoint.commit():
                 self._metrics.commits.labels(self.name).inc()
 
+    async def _decode_loop(self) -> None:
+        while True:
+            batch = await self._batcher.next_batch()
+            closed_at = time.monotonic()
+            started = time.perf_counter()
+            decoded = await self._decode_pool.decode([polled.message.value for polled in batch])
+            decode_ms = (time.perf_counter() - started) * 1000
+            for position, exc in decoded.failures:
+                polled = batch[position]
+                if isinstance(exc, InvalidInput):
+                    await self._dead_letter(polled, exc.stage, type(exc).__name__, exc.reason)
+                else:  # whatever one message raises is that message's fault, not the worker's
+                    log.error("unexpected error decoding %s: %r", polled.source, exc)
+                    await self._dead_letter(polled, "decode", type(exc).__name__, str(exc) or repr(exc))
+            if decoded.inputs:
+                polled = [batch[i] for i in decoded.positions]
+                await self._decoded.put(_DecodedWork(polled, decoded, closed_at, decode_ms))
+
     async def _infer_loop(self) -> None:
         while True:
-            await self._process(await self._batcher.next_batch())
+            await self._process(await self._decoded.get())
 
-    async def _process(self, batch: list[Polled]) -> None:
-        closed_at = time.monotonic()
-        started = time.perf_counter()
-        decoded: list[tuple[Polled, DecodedInput]] = []
-        for polled in batch:
-            try:
-                decoded.append((polled, self._decoder.decode(polled.message.value)))
-            except InvalidInput as exc:
-                await self._dead_letter(polled, exc.stage, type(exc).__name__, exc.reason)
-            except Exception as exc:  # whatever one message raises is that message's fault, not the worker's
-                log.exception("unexpected error decoding %s", polled.source)
-                await self._dead_letter(polled, "decode", type(exc).__name__, str(exc) or repr(exc))
-        decode_ms = (time.perf_counter() - started) * 1000
-        if not decoded:
-            return
-        items = np.stack([d.item for _, d in decoded])
+    async def _process(self, work: _DecodedWork) -> None:
+        closed_at, decode_ms = work.closed_at, work.decode_ms
+        decoded = list(zip(work.polled, work.decoded.inputs, strict=True))
+        items = work.decoded.batch
         async with self._batch_lock:
             serving = self.models.current
             for runner, chosen in self._route(serving, decoded):
@@ -270,7 +286,9 @@ class ModalityPipeline:
             if serving.shadow is not None and self._sampler.random() < serving.shadow_share:
                 await self._shadow(serving.shadow, decoded, items, decode_ms, closed_at)
 
-    def _route(self, serving: ServingSet, decoded: list[tuple[Polled, DecodedInput]]) -> list[tuple[EngineRunner, list[int]]]:
+    def _route(
+        self, serving: ServingSet, decoded: list[tuple[Polled, DecodedInput]]
+    ) -> list[tuple[EngineRunner, list[int]]]:
         """Which inputs each serving version takes: the canary those whose device hashes into its share."""
         everyone = list(range(len(decoded)))
         if serving.canary is None:
@@ -301,7 +319,9 @@ class ModalityPipeline:
             )  # fmt: skip
             result = self._result(polled, item, runner.spec, row, latency)
             try:
-                delivery = await self._producer.send(self._shadow_topic, self._codec.write(result), key=result.device_id.encode())
+                delivery = await self._producer.send(
+                    self._shadow_topic, self._codec.write(result), key=result.device_id.encode()
+                )
             except Exception as exc:
                 log.warning("shadow result of %s not sent: %s", polled.source, exc)
                 self._metrics.shadow_results.labels(self.name, "failed").inc()
@@ -400,6 +420,16 @@ async def run_worker(
             engine.close()
         if control is not None:
             await control.close()
+
+
+@dataclass(slots=True)
+class _DecodedWork:
+    """A batch on its way from the decode pool to the engine: the inputs that decoded, in batch order."""
+
+    polled: list[Polled]
+    decoded: DecodedBatch
+    closed_at: float  # monotonic time the batch closed
+    decode_ms: float
 
 
 def _entropy(probabilities: np.ndarray) -> float:
