@@ -114,8 +114,9 @@ class FrameDecoder:
                 return
             # A larger camera frame is decoded already scaled down by 1/2, 1/4 or 1/8 in libjpeg's inverse
             # DCT, to the smallest such size that still covers the model's input: a 1920x1080 frame for a
-            # 224x224 model decodes as 480x270, a sixteenth of the pixels to decode, convert and resize. The
-            # bilinear resize then only ever shrinks by less than 2x, where it loses nothing to aliasing.
+            # 224x224 model decodes as 480x270, a sixteenth of the pixels to decode, convert and resize. DCT
+            # scaling is itself a low-pass filter, so the bilinear resize that finishes the job (shrinking by
+            # less than 2x) gives what a bilinear resize of the whole frame gives, within JPEG's error.
             image = simplejpeg.decode_jpeg(
                 data, colorspace="RGB", min_height=self.height, min_width=self.width, strict=False
             )
