@@ -43,6 +43,7 @@ from consumers.checkpoint import Checkpoint
 from consumers.clickhouse import row_problem
 from consumers.decode import DecodedBatch, DecodedInput, DecodePool, InvalidInput, decode_threads, decoder_for
 from consumers.engine_runner import EngineRunner
+from consumers.input_stats import InputStats, input_stats
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from consumers.lifecycle import run_until_done
 from consumers.metrics import Health, WorkerMetrics, serve_metrics
@@ -51,6 +52,7 @@ from consumers.model_swap import ModelSwap, PlanWatch, ServingSet, VersionLoader
 from consumers.outcomes import Outcomes
 from consumers.settings import WorkerSettings
 from engines import Engine, ModelNotFound, ModelSpec
+from engines.repository import AudioPreprocessing
 from schemas.codec import Codec
 from schemas.errors import SluiceError
 from schemas.records import InferenceResult, LabelScore, LatencyBreakdown, result_for
@@ -104,6 +106,8 @@ class ModalityPipeline:
         self._decode_pool = DecodePool(
             decoder_for(self.spec, codec, settings.max_frame_pixels), decode_threads(settings.decode_threads)
         )
+        preprocessing = self.spec.preprocessing
+        self._sample_rate = preprocessing.sample_rate if isinstance(preprocessing, AudioPreprocessing) else None
         # One decoded batch waits while the engine runs the one before: enough to overlap, and it bounds memory.
         self._decoded: asyncio.Queue[_DecodedWork] = asyncio.Queue(maxsize=1)
         consumer = make_consumer(kafka, settings.group_id(self.name), role=f"{self.name}-{worker_id}")
@@ -250,7 +254,9 @@ class ModalityPipeline:
                     await self._dead_letter(polled, "decode", type(exc).__name__, str(exc) or repr(exc))
             if decoded.inputs:
                 polled = [batch[i] for i in decoded.positions]
-                await self._decoded.put(_DecodedWork(polled, decoded, closed_at, decode_ms))
+                # What drift detection compares; on a thread, beside the engine's batch (a few ms for 32 frames).
+                stats = await asyncio.to_thread(input_stats, self.name, decoded.batch, self._sample_rate)
+                await self._decoded.put(_DecodedWork(polled, decoded, stats, closed_at, decode_ms))
 
     async def _infer_loop(self) -> None:
         while True:
@@ -263,13 +269,13 @@ class ModalityPipeline:
         async with self._batch_lock:
             serving = self.models.current
             for runner, chosen in self._route(serving, decoded):
-                group = [decoded[i] for i in chosen]
                 started = time.perf_counter()
                 rows = await runner.infer(items if len(chosen) == len(decoded) else items[chosen])
                 inference_ms = (time.perf_counter() - started) * 1000
-                self._metrics.batch_size.labels(self.name).observe(len(group))
+                self._metrics.batch_size.labels(self.name).observe(len(chosen))
                 self._metrics.inference_seconds.labels(self.name).observe(inference_ms / 1000)
-                for (polled, item), row in zip(group, rows, strict=True):
+                for index, row in zip(chosen, rows, strict=True):
+                    polled, item = decoded[index]
                     if row is None:
                         await self._dead_letter(polled, "infer", "EngineError", "the engine fails on this input alone")
                         continue
@@ -278,13 +284,13 @@ class ModalityPipeline:
                         batch_wait_ms=(closed_at - polled.polled_at) * 1000,
                         decode_ms=decode_ms,
                         inference_ms=inference_ms,
-                        batch_size=len(group),
+                        batch_size=len(chosen),
                     )
                     self._metrics.queue_seconds.labels(self.name).observe(max(0.0, latency.queue_ms / 1000))
                     self._metrics.batch_wait_seconds.labels(self.name).observe(latency.batch_wait_ms / 1000)
-                    await self._publish_result(polled, item, runner.spec, row, latency)
+                    await self._publish_result(polled, item, runner.spec, row, latency, work.stats.item(index))
             if serving.shadow is not None and self._sampler.random() < serving.shadow_share:
-                await self._shadow(serving.shadow, decoded, items, decode_ms, closed_at)
+                await self._shadow(serving.shadow, work)
 
     def _route(
         self, serving: ServingSet, decoded: list[tuple[Polled, DecodedInput]]
@@ -300,24 +306,21 @@ class ModalityPipeline:
         ]
         return [(runner, chosen) for runner, chosen in groups if chosen]
 
-    async def _shadow(
-        self, runner: EngineRunner, decoded: list[tuple[Polled, DecodedInput]], items: np.ndarray, decode_ms: float,
-        closed_at: float,
-    ) -> None:  # fmt: skip
+    async def _shadow(self, runner: EngineRunner, work: _DecodedWork) -> None:
         """The shadow version on the same inputs. Its results go to the shadow topic at most once: they are
         not what the input's offset waits for, so a shadow that fails costs the serving path nothing."""
         started = time.perf_counter()
-        rows = await runner.infer(items)
+        rows = await runner.infer(work.decoded.batch)
         inference_ms = (time.perf_counter() - started) * 1000
-        for (polled, item), row in zip(decoded, rows, strict=True):
+        for index, (polled, item, row) in enumerate(zip(work.polled, work.decoded.inputs, rows, strict=True)):
             if row is None:
                 continue
             latency = LatencyBreakdown(
                 queue_ms=(polled.polled_time_us - item.record.capture_time_us) / 1000,
-                batch_wait_ms=(closed_at - polled.polled_at) * 1000,
-                decode_ms=decode_ms, inference_ms=inference_ms, batch_size=len(decoded),
+                batch_wait_ms=(work.closed_at - polled.polled_at) * 1000,
+                decode_ms=work.decode_ms, inference_ms=inference_ms, batch_size=len(rows),
             )  # fmt: skip
-            result = self._result(polled, item, runner.spec, row, latency)
+            result = self._result(polled, item, runner.spec, row, latency, work.stats.item(index))
             try:
                 delivery = await self._producer.send(
                     self._shadow_topic, self._codec.write(result), key=result.device_id.encode()
@@ -333,20 +336,23 @@ class ModalityPipeline:
         self._metrics.shadow_results.labels(self.name, "failed" if lost else "ok").inc()
 
     def _result(
-        self, polled: Polled, item: DecodedInput, spec: ModelSpec, probabilities: np.ndarray, latency: LatencyBreakdown
-    ) -> InferenceResult:
+        self, polled: Polled, item: DecodedInput, spec: ModelSpec, probabilities: np.ndarray, latency: LatencyBreakdown,
+        stats: dict[str, float],
+    ) -> InferenceResult:  # fmt: skip
         top = np.argsort(-probabilities)[: self._settings.top_k]
         whole = len(probabilities) <= self._settings.max_probabilities
         return result_for(
             item.record, self.modality.symbol, polled.source, spec.name, spec.version,
             [LabelScore(spec.labels[i], float(probabilities[i])) for i in top], latency, self._worker_id,
-            probabilities=probabilities.tolist() if whole else None, prediction_entropy=_entropy(probabilities),
+            input_stats=stats, probabilities=probabilities.tolist() if whole else None,
+            prediction_entropy=_entropy(probabilities),
         )  # fmt: skip
 
     async def _publish_result(
-        self, polled: Polled, item: DecodedInput, spec: ModelSpec, probabilities: np.ndarray, latency: LatencyBreakdown
-    ) -> None:
-        result = self._result(polled, item, spec, probabilities, latency)
+        self, polled: Polled, item: DecodedInput, spec: ModelSpec, probabilities: np.ndarray, latency: LatencyBreakdown,
+        stats: dict[str, float],
+    ) -> None:  # fmt: skip
+        result = self._result(polled, item, spec, probabilities, latency, stats)
         problem = row_problem(result)
         if problem is not None:  # the sink could never store it: say so now, at the source
             await self._dead_letter(polled, "validate", "RowRejected", problem)
@@ -428,6 +434,7 @@ class _DecodedWork:
 
     polled: list[Polled]
     decoded: DecodedBatch
+    stats: InputStats  # per input, in batch order
     closed_at: float  # monotonic time the batch closed
     decode_ms: float
 

@@ -132,6 +132,13 @@ def test_results_carry_model_trace_and_latency(run: PipelineRun) -> None:
     assert len(result.trace_id) == 32
     assert result.latency.batch_size >= 1 and result.latency.inference_ms > 0
     assert result.result_time_us > result.capture_time_us
+    for result in run.observed.results:  # what drift detection reads, on every result
+        expected = {"brightness", "contrast", "colourfulness", "sharpness"} if result.modality == "FRAME" else {
+            "rms_dbfs", "zero_crossing_rate", "spectral_centroid_hz", "clipping_ratio"}  # fmt: skip
+        assert set(result.input_stats) == expected
+        classes = 4 if result.modality == "FRAME" else 3  # the bundled models' labels
+        assert len(result.probabilities) == classes and abs(sum(result.probabilities) - 1) < 1e-3
+        assert result.prediction_entropy is not None and 0 <= result.prediction_entropy <= 1.39  # log 4
 
 
 def test_accuracy_at_least_95_percent(run: PipelineRun) -> None:
