@@ -7,7 +7,8 @@
     sluice sink                      results -> ClickHouse
     sluice notifier                  results -> alerts (Faust)
     sluice demo                      all of the above for a minute, then a summary
-    sluice bench engines|pipeline    speed ratios, measured side by side in one run
+    sluice bench engines|engine|pipeline|cookbook
+                                     speed ratios, measured side by side in one run
     sluice clickhouse migrate|query  the sink's DDL, and ad-hoc SQL
     sluice models list|build|activate|deactivate|status
                                      the model repository, and which version serves (plans in Redis)
@@ -221,12 +222,17 @@ def cmd_demo(settings: SluiceSettings, args: argparse.Namespace) -> int:
 def cmd_bench(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from streams.local.bench import bench_engines, bench_pipeline, print_rows
 
+    if args.what == "engine":
+        from streams.local import bench_engine
+
+        return bench_engine.main(settings, args, console)
     if args.what == "cookbook":
         from streams.local.cookbook import bench_cookbook
 
         generated_s, timed = bench_cookbook(args.rows, settings.clickhouse)
         rows = [{"query": t.title, "seconds": round(t.seconds, 3), "rows": t.rows} for t in timed]
-        print_rows(console, f"cookbook queries on {args.rows:,} generated results (generated in {generated_s:.1f} s)", rows)
+        title = f"cookbook queries on {args.rows:,} generated results (generated in {generated_s:.1f} s)"
+        print_rows(console, title, rows)
     elif args.what == "engines":
         rows = bench_engines(settings, tuple(args.batch_sizes), args.seconds)
         print_rows(console, "engine throughput by batch size (ratio to batch 1, same run)", rows)
@@ -331,14 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="speed ratios measured side by side in one run")
-    p.add_argument("what", choices=["engines", "pipeline", "cookbook"],
-                   help="engines: items/s per batch size; pipeline: a worker draining a backlog; cookbook: the "
-                        "analyst queries on generated rows")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="engines: sizes to compare")
-    p.add_argument("--seconds", type=float, default=2.0, help="engines: time per batch size")
-    p.add_argument("--messages", type=int, default=2000, help="pipeline: backlog of frames to drain per variant")
-    p.add_argument("--rows", type=int, default=10_000_000, help="cookbook: generated results to query")
-    p.add_argument("--json", type=Path, help="also write the rows here")
+    benches = p.add_subparsers(dest="what", required=True)
+    b = benches.add_parser("engines", help="items/s of each bundled model per batch size, relative to batch 1")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16, 32], help="sizes to compare")
+    b.add_argument("--seconds", type=float, default=2.0, help="time per batch size")
+    b = benches.add_parser("pipeline", help="one worker draining the same backlog: batching off and on, raw and JPEG")
+    b.add_argument("--messages", type=int, default=2000, help="backlog of frames to drain per variant")
+    b = benches.add_parser("cookbook", help="the analyst cookbook's queries on generated results")
+    b.add_argument("--rows", type=int, default=10_000_000, help="generated results to query")
+    b = benches.add_parser("engine", help="one model's engine alone and behind the decode pool, per batch size")
+    from streams.local.bench_engine import add_arguments as add_engine_arguments
+
+    add_engine_arguments(b)
+    for b in benches.choices.values():
+        if not any(action.dest == "json" for action in b._actions):
+            b.add_argument("--json", type=Path, help="also write the figures here")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("clickhouse", help="apply the DDL, or run read-only SQL (prints JSON rows; served by a running sink)")

@@ -58,7 +58,7 @@ SUBCOMMANDS: dict[str, set[str] | None] = {
     "demo": None,
     "config": None,
     "clickhouse": {"migrate", "query"},
-    "bench": {"engines", "pipeline", "cookbook"},
+    "bench": {"engines", "engine", "pipeline", "cookbook"},
     "models": {"list", "build", "activate", "deactivate", "status"},
 }
 # `stack`, `demo` and `bench pipeline` start the embedded local stack: never what a container should run.
