@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 try:
     from rich.console import Console
     from rich.logging import RichHandler
+    from rich.markup import escape
     from rich.table import Table
 
     import streams.settings  # noqa: F401 (pydantic-settings: the first import of the runtime extra)
@@ -237,7 +238,7 @@ def cmd_bench(settings: SluiceSettings, args: argparse.Namespace) -> int:
         rows = bench_engines(settings, tuple(args.batch_sizes), args.seconds)
         print_rows(console, "engine throughput by batch size (ratio to batch 1, same run)", rows)
     else:
-        rows = bench_pipeline(settings, args.messages)
+        rows = bench_pipeline(settings, args.messages, args.encoding)
         print_rows(console, f"worker draining {args.messages} frames from the broker (same run)", rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
@@ -343,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=2.0, help="time per batch size")
     b = benches.add_parser("pipeline", help="one worker draining the same backlog: batching off and on, raw and JPEG")
     b.add_argument("--messages", type=int, default=2000, help="backlog of frames to drain per variant")
+    b.add_argument("--encoding", type=lambda text: tuple(x.strip() for x in text.split(",")), default=("raw",),
+                   help="frame encodings to compare, comma-separated (raw,jpeg); one backlog and worker each")
     b = benches.add_parser("cookbook", help="the analyst cookbook's queries on generated results")
     b.add_argument("--rows", type=int, default=10_000_000, help="generated results to query")
     b = benches.add_parser("engine", help="one model's engine alone and behind the decode pool, per batch size")
@@ -387,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         # Something a user can fix: one clear line (the traceback only with --debug).
         if args.debug:
             raise
-        Console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False)
+        # Escaped: a message may hold brackets (pip install 'sluice[runtime]') that rich would take for markup.
+        Console(stderr=True).print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
 
 

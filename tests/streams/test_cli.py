@@ -75,3 +75,10 @@ def test_every_argument_says_what_it_is_for_and_the_version_is_printed(capsys: p
     with pytest.raises(SystemExit) as exited:
         build_parser().parse_args(["--version"])
     assert exited.value.code == 0 and capsys.readouterr().out.startswith("sluice ")
+
+
+def test_an_error_naming_an_extra_keeps_its_brackets_on_one_line() -> None:
+    """rich would read `sluice[tensorrt]` as markup and print `sluice`; the message is escaped."""
+    result = _sluice("worker", "--modality", "frame", SLUICE_ENGINE__KIND="tensorrt", SLUICE_ENGINE__DEVICE="cuda")
+    assert result.returncode == 2
+    assert "sluice[tensorrt]" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
