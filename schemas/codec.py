@@ -24,6 +24,7 @@ AUDIO_CHUNK = "io.sluice.AudioChunk"
 INFERENCE_RESULT = "io.sluice.InferenceResult"
 ALERT = "io.sluice.Alert"
 DEAD_LETTER = "io.sluice.DeadLetter"
+DRIFT_EVENT = "io.sluice.DriftEvent"
 
 if TYPE_CHECKING:
     from schemas.records import Record

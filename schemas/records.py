@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from collections.abc import Iterable
 from typing import Any, ClassVar, NamedTuple
 
-from schemas.codec import ALERT, AUDIO_CHUNK, DEAD_LETTER, FRAME_CHUNK, INFERENCE_RESULT
+from schemas.codec import ALERT, AUDIO_CHUNK, DEAD_LETTER, DRIFT_EVENT, FRAME_CHUNK, INFERENCE_RESULT
 
 
 class Source(NamedTuple):
@@ -160,10 +160,35 @@ class Alert(Record):
     source_offset: int
     cooldown_s: float
     alert_time_us: int
+    # Version 2 (alert_v2.avsc); rule alerts keep the defaults, drift alerts fill them.
+    severity: str = "WARNING"  # INFO | WARNING | CRITICAL
+    details: dict[str, str] = field(default_factory=dict)
 
     @property
     def source(self) -> Source:
         return Source(self.source_topic, self.source_partition, self.source_offset)
+
+
+@dataclass(slots=True)
+class DriftEvent(Record):
+    """One drift test on one window of results (drift_event.avsc): what `drift_events` stores."""
+
+    schema: ClassVar[str] = DRIFT_EVENT
+    window_start_us: int
+    window_end_us: int
+    device_group: str  # a device id, or "all"
+    modality: str  # the modality's enum symbol
+    model_name: str
+    model_version: int
+    statistic: str
+    test: str
+    score: float
+    threshold: float
+    p_value: float | None
+    drifted: bool
+    reference_size: int
+    current_size: int
+    detected_at_us: int
 
 
 @dataclass(slots=True)
@@ -199,7 +224,7 @@ class DeadLetter(Record):
 
 
 RECORD_TYPES: dict[str, type[Record]] = {
-    t.schema: t for t in (FrameChunk, AudioChunk, InferenceResult, Alert, DeadLetter)
+    t.schema: t for t in (FrameChunk, AudioChunk, InferenceResult, Alert, DeadLetter, DriftEvent)
 }
 
 
