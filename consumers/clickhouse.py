@@ -29,7 +29,7 @@ from clickhouse_connect.driver.exceptions import ClickHouseError as DriverError
 from clickhouse_connect.driver.exceptions import DatabaseError, DataError
 
 from schemas.errors import ConfigError, SluiceError, redact_url
-from schemas.records import InferenceResult
+from schemas.records import DriftEvent, InferenceResult
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,40 @@ def result_row(result: InferenceResult) -> list[Any]:
         result.prediction_entropy,
         result.embedding,
     ]
+
+
+DRIFT_EVENTS_TABLE = "drift_events"
+DRIFT_EVENT_COLUMNS = (
+    "window_start", "window_end", "device_group", "modality", "model_name", "model_version", "statistic", "test",
+    "score", "threshold", "p_value", "drifted", "reference_size", "current_size", "detected_at",
+)  # fmt: skip
+
+
+def drift_event_row(event: DriftEvent) -> list[Any]:
+    """One drift verdict as a row in DRIFT_EVENT_COLUMNS order (times as DateTime64(3) ticks, milliseconds)."""
+    return [
+        event.window_start_us // 1000, event.window_end_us // 1000, event.device_group, event.modality,
+        event.model_name, event.model_version, event.statistic, event.test, event.score, event.threshold,
+        event.p_value, event.drifted, event.reference_size, event.current_size, event.detected_at_us // 1000,
+    ]  # fmt: skip
+
+
+def drift_event_problem(event: DriftEvent) -> str | None:
+    """Why `drift_events` cannot hold `event`, or None."""
+    if event.modality not in _MODALITY_SYMBOLS:
+        return f"modality {event.modality!r} is not one of the table's {', '.join(_MODALITY_SYMBOLS)}"
+    if not 0 <= event.model_version <= _UINT_MAX["UInt32"] or event.reference_size < 0 or event.current_size < 0:
+        return "model_version and the window sizes must be non-negative"
+    for name, us in (("window_start_us", event.window_start_us), ("window_end_us", event.window_end_us)):
+        if not _DATETIME64_MIN_US <= us <= _DATETIME64_MAX_US:
+            return f"{name} is {us}, not a time from 1900 to 2299 in microseconds since 1970"
+    return None
+
+
+def drift_event_partition(event: DriftEvent) -> int:
+    """The event's ClickHouse partition: `PARTITION BY toYYYYMM(window_end)`, as a day number is enough to
+    keep an insert's partitions under the limit (a month holds at most 31 days)."""
+    return event.window_end_us // 86_400_000_000
 
 
 def result_partition(result: InferenceResult) -> int:

@@ -1,5 +1,5 @@
 """The ClickHouse sink: results topic -> `inference_results`, in batches, with stated guarantees.
-(The shadow results topic -> `shadow_results`, the same way.)
+(The shadow results topic -> `shadow_results`, and the drift events topic -> `drift_events`, the same way.)
 
 It sits on the same `Checkpoint` as the worker (`checkpoint.py`); a message's
 outcome is safe once its row is inserted, or its dead letter acknowledged. Per
@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import ConsumerRecord, TopicPartition
 from clickhouse_connect.driver.exceptions import DataError
@@ -41,7 +42,8 @@ from prometheus_client import CollectorRegistry
 
 from consumers.checkpoint import Checkpoint
 from consumers.clickhouse import (
-    RESULT_COLUMNS, RESULTS_TABLE, SHADOW_RESULTS_TABLE, apply_migrations, apply_retention, connect, result_partition,
+    DRIFT_EVENT_COLUMNS, DRIFT_EVENTS_TABLE, RESULT_COLUMNS, RESULTS_TABLE, SHADOW_RESULTS_TABLE, apply_migrations,
+    apply_retention, connect, drift_event_partition, drift_event_problem, drift_event_row, result_partition,
     result_row, row_problem, rows_at_fault,
 )  # fmt: skip
 from consumers.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
@@ -51,9 +53,21 @@ from consumers.outcomes import Outcomes
 from consumers.query_endpoint import QueryEndpoint, QueryResult, run_readonly
 from consumers.settings import ClickHouseSettings, SinkSettings
 from schemas.codec import Codec, SchemaError
-from schemas.records import InferenceResult
+from schemas.records import DriftEvent, InferenceResult, Record
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where the records of one topic go: their type, table and columns, and how one becomes a row."""
+
+    record_type: type[Record]
+    table: str
+    columns: tuple[str, ...]
+    row: Callable[[Any], list]
+    problem: Callable[[Any], str | None]  # why the table cannot hold a record, or None
+    partition: Callable[[Any], int]  # the row's ClickHouse partition, as a day number
 
 
 @dataclass(slots=True, eq=False)  # compared by identity: the buffer forgets the very entries it settled
@@ -62,7 +76,7 @@ class _Entry:
     message: ConsumerRecord  # kept for the dead letter, should ClickHouse refuse the row
     row: list
     day: int  # the row's ClickHouse partition (`result_partition`)
-    table: str  # where the row goes: served results and shadow results have tables of their own
+    route: _Route  # where the row goes: results, shadow results and drift events have tables of their own
 
 
 class _Buffer:
@@ -98,7 +112,7 @@ class _Buffer:
         insert. Each chunk carries its own rows' token, so a retried chunk is as idempotent as a retried batch."""
         by_table: dict[str, dict[int, list[_Entry]]] = {}
         for entry in self.entries:
-            by_table.setdefault(entry.table, {}).setdefault(entry.day, []).append(entry)
+            by_table.setdefault(entry.route.table, {}).setdefault(entry.day, []).append(entry)
         chunks = []
         for by_day in by_table.values():  # an insert goes to one table
             days = sorted(by_day)
@@ -152,10 +166,14 @@ class ClickHouseSink:
         self._clickhouse = clickhouse
         self._metrics = metrics
         self._codec = Codec()
-        self._tables = {
-            kafka.topics.results: f"{clickhouse.database}.{RESULTS_TABLE}",
-            kafka.topics.shadow_results: f"{clickhouse.database}.{SHADOW_RESULTS_TABLE}",
-        }
+        db, topics = clickhouse.database, kafka.topics
+        results = (InferenceResult, RESULT_COLUMNS, result_row, row_problem, result_partition)
+        self._routes = {
+            topics.results: _Route(results[0], f"{db}.{RESULTS_TABLE}", *results[1:]),
+            topics.shadow_results: _Route(results[0], f"{db}.{SHADOW_RESULTS_TABLE}", *results[1:]),
+            topics.drift_events: _Route(DriftEvent, f"{db}.{DRIFT_EVENTS_TABLE}", DRIFT_EVENT_COLUMNS, drift_event_row,
+                                        drift_event_problem, drift_event_partition),
+        }  # fmt: skip
         self._producer = make_producer(kafka, role="sink")
         self.checkpoint = Checkpoint(
             make_consumer(kafka, settings.group_id, role="sink"), "sink",
@@ -198,7 +216,7 @@ class ClickHouseSink:
         endpoint = self._serve_queries()
         await self._producer.start()
         await consumer.start()
-        self.checkpoint.subscribe(list(self._tables))
+        self.checkpoint.subscribe(list(self._routes))
         try:
             while not stopping.is_set() and self._failure is None:
                 await self._poll_once()
@@ -247,18 +265,17 @@ class ClickHouseSink:
         for tp, messages in records.items():
             for message in messages:
                 self.checkpoint.track(tp, message.offset)
+                route = self._routes[tp.topic]
                 try:
-                    result = self._codec.read(message.value, InferenceResult)
+                    record = self._codec.read(message.value, route.record_type)
                 except (SchemaError, KeyError, TypeError, ValueError) as exc:
                     await self._outcomes.dead_letter(message, "decode", type(exc).__name__, str(exc))
                     continue
-                problem = row_problem(result)
+                problem = route.problem(record)
                 if problem is not None:  # in the buffer it would fail the insert of every row beside it
                     await self._outcomes.dead_letter(message, "validate", "RowRejected", problem)
                     continue
-                self._buffer.add(
-                    _Entry(tp, message, result_row(result), result_partition(result), self._tables[tp.topic])
-                )
+                self._buffer.add(_Entry(tp, message, route.row(record), route.partition(record), route))
         self._metrics.buffered_rows.set(self._buffer.row_count())
 
     def _poll_timeout_ms(self) -> int:
@@ -299,7 +316,7 @@ class ClickHouseSink:
         rows = [entry.row for entry in entries]
         started = time.perf_counter()
         try:
-            await self._thread.call(self._insert_rows, entries[0].table, rows, _token(entries))
+            await self._thread.call(self._insert_rows, entries[0].route, rows, _token(entries))
         except Exception as exc:
             if not rows_at_fault(exc):
                 self._back_off(len(rows), exc)
@@ -328,9 +345,9 @@ class ClickHouseSink:
         log.error("insert of %d rows failed (attempt %d, retry in %.1fs): %s", rows, self._failures_in_row, backoff,
                   exc)  # fmt: skip
 
-    def _insert_rows(self, table: str, rows: list[list], token: str) -> None:
+    def _insert_rows(self, route: _Route, rows: list[list], token: str) -> None:
         self._client.insert(
-            table, rows, column_names=RESULT_COLUMNS, settings={"insert_deduplication_token": token}
+            route.table, rows, column_names=route.columns, settings={"insert_deduplication_token": token}
         )
 
     async def _settle(self) -> None:

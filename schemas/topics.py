@@ -28,12 +28,15 @@ class TopicSettings(BaseModel):
     # and nothing that acts on results (the notifier) reads them.
     shadow_results: str = "sluice.results.shadow"
     alerts: str = "sluice.alerts"
+    # The drift monitor's verdicts (`streams/apps/drift_monitor.py`); the sink stores them in drift_events.
+    drift_events: str = "sluice.drift-events"
     dead_letters: str = "sluice.dead-letters"
     frames_partitions: PositiveInt = 8
     audio_partitions: PositiveInt = 4
     results_partitions: PositiveInt = 8
     shadow_results_partitions: PositiveInt = 8
     alerts_partitions: PositiveInt = 2
+    drift_events_partitions: PositiveInt = 2
     dead_letters_partitions: PositiveInt = 2
     replication_factor: PositiveInt = 1
 
@@ -45,6 +48,7 @@ class TopicSettings(BaseModel):
             self.results: self.results_partitions,
             self.shadow_results: self.shadow_results_partitions,
             self.alerts: self.alerts_partitions,
+            self.drift_events: self.drift_events_partitions,
             self.dead_letters: self.dead_letters_partitions,
         }
 
@@ -56,7 +60,7 @@ class TopicSettings(BaseModel):
         return self.model_copy(update={name: f"{prefix}.{getattr(self, name)}" for name in _NAME_FIELDS})
 
 
-_NAME_FIELDS = ("frames", "audio", "results", "shadow_results", "alerts", "dead_letters")
+_NAME_FIELDS = ("frames", "audio", "results", "shadow_results", "alerts", "drift_events", "dead_letters")
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from consumers.metrics import SinkMetrics
 from consumers.query_endpoint import QueryFailed, query_endpoint
 from consumers.sink import ClickHouseSink, _Entry, _token
 from schemas.codec import Codec
-from schemas.records import DeadLetter, InferenceResult
+from schemas.records import DeadLetter, DriftEvent, InferenceResult
 from streams.local.stack import LocalStack
 from streams.settings import SluiceSettings, settings_env
 from tests.records import make_result
@@ -299,7 +299,9 @@ async def test_a_row_the_server_refuses_is_found_by_bisection(sink_settings: Slu
 def _entries(offsets: list[int], partition: int = 0) -> list[_Entry]:
     tp = TopicPartition("results", partition)
     return [
-        _Entry(tp, ConsumerRecord("results", partition, o, 0, 0, None, b"", None, 0, 0, ()), [], 0, "t") for o in offsets
+        # No route: a token reads only the entries' coordinates.
+        _Entry(tp, ConsumerRecord("results", partition, o, 0, 0, None, b"", None, 0, 0, ()), [], 0, None)  # type: ignore[arg-type]
+        for o in offsets
     ]
 
 
@@ -353,3 +355,30 @@ async def test_analysts_query_while_the_sink_runs_and_cannot_write(sink_settings
     stack_row = answers["stack"]
     assert stack_row.running and "a sink holds it" in stack_row.endpoint, "sluice stack status sees the sink's engine"
     assert _count(sink_settings) == N, "nothing was dropped or written by the queries"
+
+
+async def test_drift_events_are_stored_in_their_own_table(sink_settings: SluiceSettings) -> None:
+    """The drift monitor publishes its verdicts; the sink stores them beside the results, as it stores results."""
+    now = int(time.time() * 1e6)
+    events = [
+        DriftEvent(window_start_us=now - 10_000_000, window_end_us=now, device_group=f"cam-{i}", modality="FRAME",
+                   model_name="frame_classifier", model_version=1, statistic="brightness", test="cvm",
+                   score=0.5 + i, threshold=1.0, p_value=None, drifted=i > 0, reference_size=300, current_size=100,
+                   detected_at_us=now)  # fmt: skip
+        for i in range(3)
+    ]
+    codec = Codec()
+    producer = make_producer(sink_settings.kafka, "test")
+    await producer.start()
+    try:
+        for event in events:
+            await producer.send_and_wait(sink_settings.kafka.topics.drift_events, codec.write(event), key=b"g")
+    finally:
+        await producer.stop()
+    await _run_sink(sink_settings, lambda r: _rows(r) >= 3)
+    client = connect(sink_settings.clickhouse.dsn)
+    rows = client.query(
+        f"SELECT device_group, drifted, score, p_value FROM {sink_settings.clickhouse.database}.drift_events FINAL "
+        "ORDER BY device_group"
+    ).result_rows
+    assert rows == [("cam-0", False, 0.5, None), ("cam-1", True, 1.5, None), ("cam-2", True, 2.5, None)]
