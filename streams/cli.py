@@ -6,6 +6,7 @@
     sluice worker [--modality M]     inference workers (one consumer group per modality)
     sluice sink                      results -> ClickHouse
     sluice notifier                  results -> alerts (Faust)
+    sluice drift                     results -> drift verdicts and alerts (Faust)
     sluice demo                      all of the above for a minute, then a summary
     sluice bench engines|engine|pipeline|cookbook
                                      speed ratios, measured side by side in one run
@@ -204,12 +205,24 @@ def cmd_sink(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
 def cmd_notifier(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from consumers.kafka import ensure_topics
-    from streams.apps.notifier import create_app, run_notifier
+    from streams.apps.notifier import create_app, run_faust_app
 
     asyncio.run(ensure_topics(settings.kafka))
     app = create_app(settings.kafka, settings.notifier, settings.redis, settings.metrics_host,
                      _ready_callback(args.ready_file))  # fmt: skip
-    run_notifier(app, settings.log_level)
+    run_faust_app(app, settings.log_level)
+    return 0
+
+
+def cmd_drift(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from consumers.kafka import ensure_topics
+    from streams.apps.drift_monitor import create_drift_app
+    from streams.apps.notifier import run_faust_app
+
+    asyncio.run(ensure_topics(settings.kafka))
+    app = create_drift_app(settings.kafka, settings.drift, settings.engine.model_repository, settings.metrics_host,
+                           _ready_callback(args.ready_file))  # fmt: skip
+    run_faust_app(app, settings.log_level)
     return 0
 
 
@@ -325,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("worker", cmd_worker, "inference workers"),
         ("sink", cmd_sink, "results -> ClickHouse"),
         ("notifier", cmd_notifier, "results -> alerts"),
+        ("drift", cmd_drift, "results -> drift verdicts (drift_events) and drift alerts"),
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--ready-file", type=Path, help="touched once the process has joined its consumer group")

@@ -32,7 +32,7 @@ from consumers.settings import ClickHouseSettings, RedisSettings, SinkSettings, 
 from engines.settings import EngineSettings
 from producers.settings import SimulatorSettings
 from schemas.errors import ConfigError, redact_url
-from streams.apps.settings import NotifierSettings
+from streams.apps.settings import DriftSettings, NotifierSettings
 from streams.local.stack import StackSettings
 
 
@@ -50,6 +50,7 @@ class SluiceSettings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
     notifier: NotifierSettings = Field(default_factory=NotifierSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
     simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
     stack: StackSettings = Field(default_factory=StackSettings)
     log_level: str = "INFO"

@@ -242,7 +242,7 @@ def create_app(
     return app
 
 
-def run_notifier(app: faust.App, log_level: str) -> None:
+def run_faust_app(app: faust.App, log_level: str) -> None:
     """Run the app until SIGTERM/SIGINT (Faust's worker owns the event loop and the signals)."""
     worker = faust.Worker(app, loglevel=log_level.lower(), quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

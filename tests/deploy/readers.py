@@ -55,6 +55,7 @@ SUBCOMMANDS: dict[str, set[str] | None] = {
     "worker": None,
     "sink": None,
     "notifier": None,
+    "drift": None,
     "demo": None,
     "config": None,
     "clickhouse": {"migrate", "query"},
