@@ -229,7 +229,7 @@ def cmd_drift(settings: SluiceSettings, args: argparse.Namespace) -> int:
 def cmd_demo(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from streams.local.demo import run_demo
 
-    summary = run_demo(settings, seconds=args.seconds, json_path=args.json, console=console)
+    summary = run_demo(settings, seconds=args.seconds, json_path=args.json, console=console, drift_at=args.drift_at)
     return 0 if summary["ok"] else 1
 
 
@@ -348,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole system for a while, then a summary")
     p.add_argument("--seconds", type=float, default=60.0, help="how long the simulator publishes")
+    p.add_argument("--drift-at", type=float, help="seconds after start when the simulator starts drifting")
     p.add_argument("--json", type=Path, help="also write the summary here")
     p.set_defaults(func=cmd_demo)
 

@@ -212,7 +212,9 @@ class DriftMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.windows = Counter("sluice_drift_windows", "Windows evaluated against their reference",
                                ["model", "device_group_kind"], registry=registry)  # fmt: skip
-        self.flags = Counter("sluice_drift_flags", "Tests that flagged drift", ["model", "statistic"], registry=registry)
+        self.flags = Counter(
+            "sluice_drift_flags", "Tests that flagged drift", ["model", "statistic"], registry=registry
+        )
 
 
 def repository_labels(root: Path) -> Callable[[str, int], list[str] | None]:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consumers.clickhouse import RESULTS_TABLE, connect
@@ -36,7 +37,7 @@ from streams.local.processes import ProcessError
 from streams.local.stack import LocalStack
 from streams.settings import SluiceSettings
 
-COMPONENTS = {"worker": ["worker"], "sink": ["sink"], "notifier": ["notifier"]}
+COMPONENTS = {"worker": ["worker"], "sink": ["sink"], "notifier": ["notifier"], "drift": ["drift"]}
 
 
 def _lag_trend(samples: list[tuple[float, int]]) -> dict[str, Any]:
@@ -59,14 +60,19 @@ def _lag_trend(samples: list[tuple[float, int]]) -> dict[str, Any]:
     }
 
 
-async def _observe_run(settings: SluiceSettings, seconds: float, report_path: Path) -> dict[str, Any]:
+async def _observe_run(
+    settings: SluiceSettings, seconds: float, report_path: Path, drift_at: float | None
+) -> dict[str, Any]:
     observer = OutputObserver(settings)
     await observer.start()
     admin = make_admin(settings.kafka, "demo-admin")
     await admin.start()
     groups = {settings.worker.group_id(m.name): m.input_topic(settings.kafka.topics) for m in MODALITIES.values()}
     lag_samples: list[tuple[float, int]] = []
-    simulator = start_sluice(settings, "simulator", ["simulate", "--seconds", str(seconds), "--report", str(report_path)])
+    drift = ["--drift-at", str(drift_at)] if drift_at is not None else []
+    simulator = start_sluice(
+        settings, "simulator", ["simulate", "--seconds", str(seconds), "--report", str(report_path), *drift]
+    )
     started = time.monotonic()
     try:
         while simulator.alive():
@@ -80,8 +86,9 @@ async def _observe_run(settings: SluiceSettings, seconds: float, report_path: Pa
         published = json.loads(report_path.read_text())
         expected = published["inputs_published"]
         drained = await observer.wait_for(lambda o: len(o.unique_sources()) >= expected, timeout_s=60)
-        # Alerts trail results by the notifier's own hop; give it a moment once results are complete.
-        await asyncio.sleep(3.0)
+        # Alerts trail results by the notifier's own hop, drift verdicts by a window's lateness: give them a
+        # moment once results are complete.
+        await asyncio.sleep(3.0 + settings.drift.lateness_s)
     finally:
         processes.stop(simulator)  # stopped already unless something failed; this also drops its PID file
         await admin.close()
@@ -98,7 +105,9 @@ def _clickhouse_rows(settings: SluiceSettings) -> int:
         client.close()
 
 
-def run_demo(settings: SluiceSettings, seconds: float, json_path: Path | None, console: Console) -> dict[str, Any]:
+def run_demo(
+    settings: SluiceSettings, seconds: float, json_path: Path | None, console: Console, drift_at: float | None = None
+) -> dict[str, Any]:
     base = settings.stack.run_dir.parent / "demo"
     shutil.rmtree(base, ignore_errors=True)
     settings = isolated_settings(settings, base)
@@ -111,12 +120,12 @@ def run_demo(settings: SluiceSettings, seconds: float, json_path: Path | None, c
             asyncio.run(ensure_topics(settings.kafka))
         console.print(f"broker {settings.kafka.bootstrap_servers}, redis {settings.redis.url}, "
                       f"clickhouse {settings.clickhouse.dsn}")
-        with console.status("starting worker, sink and notifier; waiting for them to join their groups"):
+        with console.status("starting worker, sink, notifier and drift monitor; waiting for them to join their groups"):
             components.wait_ready([components.launch(name, args) for name, args in COMPONENTS.items()])
         with console.status(f"simulating {settings.simulator.cameras} cameras at {settings.simulator.camera_fps:g} fps "
                             f"and {settings.simulator.microphones} microphones at {settings.simulator.chunks_per_s:g} "
                             f"chunks/s for {seconds:g}s"):
-            run = asyncio.run(_observe_run(settings, seconds, base / "simulator-report.json"))
+            run = asyncio.run(_observe_run(settings, seconds, base / "simulator-report.json", drift_at))
         with console.status("stopping components (the sink flushes)"):
             graceful = components.stop_all(timeout_s=30)
         rows = _clickhouse_rows(settings)
@@ -165,6 +174,7 @@ def _summarise(
             "max_batch_size": settings.worker.max_batch_size, "max_delay_ms": settings.worker.max_delay_ms,
         },  # fmt: skip
         "stopped_gracefully": graceful,
+        "drift": _drift_summary(settings, observed, published),
     }
     summary["checks"] = {
         "every_input_has_one_distinct_result": unique == summary["inputs_published"] and run["drained"],
@@ -173,10 +183,47 @@ def _summarise(
         "audio_accuracy_at_least_0.95": (audio_accuracy or 0) >= 0.95,
         "e2e_p99_under_100ms": latency["p99"] < 100,
         "lag_not_growing": lag["growing"] is False,
+        "no_drift_flagged_before_drift": summary["drift"]["flags_before_drift"] == 0,
     }
+    if summary["drift"]["drift_at_s"] is not None:
+        first = summary["drift"]["first_flag_after_drift_s"]
+        # Flagged by the second window after the drift's start, closed once results a lateness newer arrive.
+        summary["checks"]["drift_flagged_within_2_windows"] = first is not None and first <= 2 * (
+            settings.drift.window_s + settings.drift.lateness_s) + settings.drift.window_s  # fmt: skip
     correctness = [k for k in summary["checks"] if k not in ("e2e_p99_under_100ms", "lag_not_growing")]
     summary["ok"] = all(summary["checks"][k] for k in correctness)
     return summary
+
+
+def _drift_summary(settings: SluiceSettings, observed: Any, published: dict[str, Any]) -> dict[str, Any]:
+    """What the drift monitor found, against when the simulator started drifting: its start is the first
+    capture of the run plus the simulator's own drift offset."""
+    events = observed.drift_events
+    drift_at = published.get("drift_started_at_s")
+    first_capture_us = min((r.capture_time_us for r in observed.results), default=0)
+    drift_start_us = None if drift_at is None else first_capture_us + int(drift_at * 1e6)
+    windows = {(e.model_name, e.model_version, e.device_group, e.window_end_us) for e in events}
+    flagged = [e for e in events if e.drifted]
+    before = {
+        (e.device_group, e.window_end_us)
+        for e in flagged
+        if drift_start_us is None or e.window_end_us <= drift_start_us
+    }
+    after = [e for e in flagged if drift_start_us is not None and e.window_end_us > drift_start_us]
+    first_after = min((e.detected_at_us for e in after), default=None)
+    return {
+        "window_s": settings.drift.window_s,
+        "expected_run_time_s": settings.drift.expected_run_time_s,
+        "drift_at_s": drift_at,
+        "windows_evaluated": len(windows),
+        "flags_before_drift": len(before),
+        "flagged_before": sorted(
+            {f"{e.device_group}:{e.statistic}" for e in flagged if (e.device_group, e.window_end_us) in before}
+        ),
+        "first_flag_after_drift_s": None if first_after is None else round((first_after - drift_start_us) / 1e6, 1),
+        "statistics_flagged": sorted({e.statistic for e in after}),
+        "groups_flagged": len({e.device_group for e in after}),
+    }
 
 
 def _print(console: Console, summary: dict[str, Any]) -> None:
@@ -190,6 +237,12 @@ def _print(console: Console, summary: dict[str, Any]) -> None:
     table.add_row("worker lag (max, slope/s, growing)", f"{lag['max']}, {lag.get('slope_per_s')}, {lag['growing']}")
     for stage, values in summary["worker_latency_ms"].items():
         table.add_row(f"  worker {stage} (p50 / p99)", f"{values['p50']} / {values['p99']}")
+    drift = summary["drift"]
+    evaluated = f"{drift['windows_evaluated']} / {drift['flags_before_drift']}"
+    table.add_row("drift windows evaluated / flagged before drift", evaluated)
+    if drift["drift_at_s"] is not None:
+        table.add_row("drift: first flag after its start (s), statistics",
+                      escape(f"{drift['first_flag_after_drift_s']}, " + ", ".join(drift["statistics_flagged"])))  # fmt: skip
     console.print(table)
     for check, passed in summary["checks"].items():
         console.print(f"{'[green]PASS' if passed else '[red]FAIL'}[/] {check}")

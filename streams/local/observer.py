@@ -20,7 +20,7 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.kafka import make_consumer
 from schemas.codec import Codec, SchemaError
-from schemas.records import Alert, DeadLetter, InferenceResult, Record, Source
+from schemas.records import Alert, DeadLetter, DriftEvent, InferenceResult, Record, Source
 from schemas.topics import modality
 from streams.settings import SluiceSettings
 
@@ -40,6 +40,7 @@ class Observed:
     results: list[InferenceResult] = field(default_factory=list)
     alerts: list[Alert] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    drift_events: list[DriftEvent] = field(default_factory=list)
     undecodable: list[Source] = field(default_factory=list)  # messages on the output topics that are not Sluice's
     e2e_ms: list[float] = field(default_factory=list)
     first_result_at: float | None = None
@@ -75,6 +76,7 @@ class OutputObserver:
         topics = settings.kafka.topics
         self._kinds: dict[str, type[Record]] = {
             topics.results: InferenceResult, topics.alerts: Alert, topics.dead_letters: DeadLetter,
+            topics.drift_events: DriftEvent,
         }  # fmt: skip
         self._consumer: AIOKafkaConsumer = make_consumer(settings.kafka, None, role="observer")
         self.observed = Observed()
@@ -123,6 +125,8 @@ class OutputObserver:
                         observed.last_result_at = time.monotonic()
                     elif isinstance(record, Alert):
                         observed.alerts.append(record)
+                    elif isinstance(record, DriftEvent):
+                        observed.drift_events.append(record)
                     else:
                         observed.dead_letters.append(record)
             if batches:
