@@ -173,7 +173,13 @@ class Reference:
     must carry the same classes, statistics and embeddings), its sorted columns, and the thresholds
     calibrated on it."""
 
-    def __init__(self, window: Window, config: DriftConfig, class_names: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, window: Window, config: DriftConfig, class_names: Sequence[str] | None = None,
+        design_effects: Mapping[str, float] | None = None,
+    ) -> None:  # fmt: skip
+        """`design_effects`, by statistic name (missing: 1): how many results carry the information of one
+        independent draw. Results of a camera are not independent (a scene lasts many frames), and a test
+        that takes n such results for n draws flags stationary traffic; each test then counts n / effect."""
         classes = window.probabilities.shape[1]
         names = list(class_names) if class_names is not None else [str(c) for c in range(classes)]
         if len(names) != classes:
@@ -191,6 +197,10 @@ class Reference:
         if window.embeddings is not None:
             self.centroid, self._cosine_quantile = _cosine_null(window.embeddings, self.alpha_per_test)
         self._psi_thresholds: dict[int, float] = {}
+        self.design_effects = {name: max(1.0, float(e)) for name, e in (design_effects or {}).items()}
+
+    def effect(self, statistic: str) -> float:
+        return self.design_effects.get(statistic, 1.0)
 
     @property
     def p_value_threshold(self) -> float:
@@ -200,13 +210,13 @@ class Reference:
     def psi_threshold(self, current_size: int) -> float:
         """PSI's threshold against a current window of `current_size` items (bootstrapped once per size)."""
         if current_size not in self._psi_thresholds:
-            n = len(self.window)
-            shares = self.label_counts / n
+            effect = self.effect(LABEL_MIX)
+            n = max(1, round(len(self.window) / effect))  # the independent draws the counts stand for
+            m = max(1, round(current_size / effect))
+            shares = self.label_counts / len(self.window)
             rng = np.random.default_rng([self.config.seed, current_size])
             resamples = self.config.bootstrap_resamples
-            null = _psi(
-                rng.multinomial(n, shares, size=resamples), rng.multinomial(current_size, shares, size=resamples)
-            )
+            null = _psi(rng.multinomial(n, shares, size=resamples), rng.multinomial(m, shares, size=resamples))
             self._psi_thresholds[current_size] = _scaled_chi_square_quantile(null, self.alpha_per_test)
         return self._psi_thresholds[current_size]
 
@@ -222,11 +232,13 @@ def detect_drift(reference: Reference, current: Window) -> list[DriftVerdict]:
     each input statistic and the embedding centroid (when the reference has embeddings)."""
     _check_comparable(reference, current)
     alpha = reference.alpha_per_test
+    class_statistics = [f"{PROBABILITY}[{name}]" for name in reference.class_names]
     verdicts = _ks_verdicts(
-        [f"{PROBABILITY}[{name}]" for name in reference.class_names],
+        class_statistics,
         list(reference.sorted_probabilities.T),
         list(current.probabilities.T),
         alpha,
+        [reference.effect(name) for name in class_statistics],
     )
     score = float(_psi(reference.label_counts, np.bincount(current.labels, minlength=len(reference.class_names))))
     threshold = reference.psi_threshold(len(current))
@@ -237,7 +249,8 @@ def detect_drift(reference: Reference, current: Window) -> list[DriftVerdict]:
     ]
     ks_names = [n for n in reference.sorted_stats if n not in cvm_names]
     verdicts += _ks_verdicts(
-        ks_names, [reference.sorted_stats[n] for n in ks_names], [current.stats[n] for n in ks_names], alpha
+        ks_names, [reference.sorted_stats[n] for n in ks_names], [current.stats[n] for n in ks_names], alpha,
+        [reference.effect(n) for n in ks_names],
     )
     for name in cvm_names:
         result = stats.cramervonmises_2samp(reference.sorted_stats[name], current.stats[name])
@@ -283,18 +296,22 @@ def _p_value_verdict(statistic: str, test: str, p_value: float, alpha: float) ->
 
 
 def _ks_verdicts(
-    names: list[str], sorted_references: list[np.ndarray], currents: list[np.ndarray], alpha: float
+    names: list[str], sorted_references: list[np.ndarray], currents: list[np.ndarray], alpha: float,
+    effects: list[float] | None = None,
 ) -> list[DriftVerdict]:
-    """Two-sample KS of each current column against its (sorted) reference column."""
+    """Two-sample KS of each current column against its (sorted) reference column; a column with a design
+    effect e is tested as n / e and m / e independent draws."""
     if not names:
         return []
+    effects = effects or [1.0] * len(names)
     n, m = len(sorted_references[0]), len(currents[0])
     distances = np.array([_ks_distance(ref, cur) for ref, cur in zip(sorted_references, currents, strict=True)])
     # What ks_2samp computes in its asymptotic mode, for all columns at once.
-    p_values = stats.kstwo.sf(distances, max(1, round(n * m / (n + m))))
+    sizes = np.array([max(1, round(n * m / (n + m) / e)) for e in effects])
+    p_values = stats.kstwo.sf(distances, sizes)
     verdicts = []
-    for name, ref, cur, p in zip(names, sorted_references, currents, p_values, strict=True):
-        if p < _KS_CONFIRM_FACTOR * alpha:
+    for name, ref, cur, p, effect in zip(names, sorted_references, currents, p_values, effects, strict=True):
+        if effect == 1.0 and p < _KS_CONFIRM_FACTOR * alpha:  # ks_2samp's exact p-value assumes independent draws
             p = stats.ks_2samp(ref, cur).pvalue
         verdicts.append(_p_value_verdict(name, "ks", p, alpha))
     return verdicts

@@ -12,7 +12,8 @@ Windows (`DriftTracker`, pure, tested without Kafka): tumbling, `window_s` long,
 closes when the newest capture time seen for its model passes its end by `lateness_s`. The first
 `reference_windows` windows of a group with at least `min_window_results` results are pooled into its
 reference; every later window is tested against it (`streams/apps/drift.py`, thresholds from the
-expected run time). A new model version starts its own references: its outputs differ by design. The
+expected run time), each test counting its results as the independent draws they amount to
+(`design_effects`: a camera's frames are correlated for as long as a scene lasts). A new model version starts its own references: its outputs differ by design. The
 windows live in memory: after a restart the monitor learns its references again, so for the first
 `reference_windows` windows nothing is evaluated.
 """
@@ -38,7 +39,7 @@ from consumers.metrics import Health, serve_metrics
 from engines import ModelNotFound, ModelRepository
 from schemas.codec import Codec, SchemaError
 from schemas.records import Alert, DriftEvent, InferenceResult, alert_id, now_us
-from streams.apps.drift import DriftConfig, DriftVerdict, Reference, Window, detect_drift
+from streams.apps.drift import LABEL_MIX, PROBABILITY, DriftConfig, DriftVerdict, Reference, Window, detect_drift
 from streams.apps.settings import DriftSettings
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,22 @@ class _Rows:
 
     probabilities: list[list[float]] = field(default_factory=list)
     stats: list[dict[str, float]] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)
+    captured_us: list[int] = field(default_factory=list)
     last: InferenceResult | None = None  # the latest result: what an alert points at
 
     def add(self, result: InferenceResult) -> None:
         self.probabilities.append(result.probabilities)
         self.stats.append(result.input_stats)
+        self.devices.append(result.device_id)
+        self.captured_us.append(result.capture_time_us)
         self.last = result
+
+    def extend(self, other: _Rows) -> None:
+        self.probabilities += other.probabilities
+        self.stats += other.stats
+        self.devices += other.devices
+        self.captured_us += other.captured_us
 
     def window(self) -> Window:
         probabilities = np.asarray(self.probabilities, dtype=np.float64)
@@ -185,17 +196,19 @@ class DriftTracker:
             return []
         group = self._groups[key]
         if group.reference is None:
-            group.reference_rows.probabilities += rows.probabilities
-            group.reference_rows.stats += rows.stats
+            group.reference_rows.extend(rows)
             group.reference_windows += 1
             if group.reference_windows >= self.settings.reference_windows:
                 names = self._class_names(key.model_name, key.model_version)
                 window = group.reference_rows.window()
                 if names is not None and len(names) != window.probabilities.shape[1]:
                     names = None
-                group.reference = Reference(window, self.config, names)
+                names = names or [str(c) for c in range(window.probabilities.shape[1])]
+                effects = design_effects(group.reference_rows, window, names)
+                group.reference = Reference(window, self.config, names, effects)
                 group.reference_rows = _Rows()
-                log.info("drift reference for %s: %d results", key, len(window))
+                log.info("drift reference for %s: %d results, design effects %s", key, len(window),
+                         {k: round(v, 1) for k, v in effects.items()})  # fmt: skip
             return []
         current = rows.window()
         if set(current.stats) != set(group.reference.window.stats):  # a statistic came or went: compare the rest
@@ -206,6 +219,46 @@ class DriftTracker:
         verdicts = detect_drift(group.reference, current)
         assert rows.last is not None
         return [WindowVerdicts(key, start_us, end_us, len(group.reference.window), len(current), verdicts, rows.last)]
+
+
+def design_effects(rows: _Rows, window: Window, class_names: list[str]) -> dict[str, float]:
+    """Per statistic, how many consecutive results of one device carry the information of one independent
+    draw: 1 + 2 * (the sum of the autocorrelations of its sequence, lag by lag, up to the first that is not
+    positive: Geyer's initial positive sequence), the median over devices. A camera shows one scene for many
+    frames, so its results are far from independent, and a two-sample test that counted each as a draw
+    would flag stationary traffic; `Reference` has each test count n / effect. Devices are independent of
+    one another, so a fleet window's effect is its devices'."""
+    order = np.lexsort((np.asarray(rows.captured_us), np.asarray(rows.devices)))
+    devices = np.asarray(rows.devices)[order]
+    starts = np.flatnonzero(np.r_[True, devices[1:] != devices[:-1]])
+    sequences = [order[a:b] for a, b in zip(starts, np.r_[starts[1:], len(order)], strict=True)]
+    columns = {f"{PROBABILITY}[{name}]": window.probabilities[:, c] for c, name in enumerate(class_names)}
+    columns.update(window.stats)
+    one_hot = np.eye(window.probabilities.shape[1])[window.labels]
+    effects = {name: _median_effect(values, sequences) for name, values in columns.items()}
+    effects[LABEL_MIX] = max(_median_effect(one_hot[:, c], sequences) for c in range(one_hot.shape[1]))
+    return effects
+
+
+def _median_effect(values: np.ndarray, sequences: list[np.ndarray]) -> float:
+    found = [effect for seq in sequences if len(seq) >= 8 and (effect := _integrated_effect(values[seq])) is not None]
+    return float(np.median(found)) if found else 1.0
+
+
+def _integrated_effect(series: np.ndarray) -> float | None:
+    centred = series - series.mean()
+    variance = float(centred @ centred)
+    if variance == 0:
+        return None
+    n = len(series)
+    spectrum = np.fft.rfft(centred, 2 * n)
+    autocorrelation = np.fft.irfft(spectrum * np.conj(spectrum))[: n // 2] / variance
+    total = 0.0
+    for rho in autocorrelation[1:]:
+        if rho <= 0:
+            break
+        total += rho
+    return 1.0 + 2.0 * total
 
 
 class DriftMetrics:

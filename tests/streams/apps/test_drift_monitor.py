@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from schemas.records import InferenceResult
-from streams.apps.drift_monitor import ALL_DEVICES, DriftTracker, WindowVerdicts
+from streams.apps.drift import Reference, Window, detect_drift
+from streams.apps.drift_monitor import ALL_DEVICES, DriftTracker, WindowVerdicts, _Rows
 from streams.apps.settings import DriftSettings
 from tests.records import make_result
 
@@ -109,3 +110,59 @@ def test_a_new_model_version_learns_its_own_reference() -> None:
     found = _run(tracker, windows)
     assert {f.key.model_version for f in found} == {1}, "v2 is still learning its reference"
     assert [f.start_us // WINDOW_US for f in found] == [3], "v1's windows after its reference, as long as it served"
+
+
+class SceneTraffic(Traffic):
+    """Like a camera's: each device shows one scene for `dwell` results on average (its brightness, its class),
+    so consecutive results of a device are far from independent draws."""
+
+    def __init__(self, seed: int, per_window: int = 80, devices: int = 4, dwell: float = 30) -> None:
+        super().__init__(seed, per_window, devices)
+        self.dwell = dwell
+        self.scenes = [self._scene() for _ in range(devices)]
+
+    def _scene(self) -> tuple[float, int]:
+        return float(self.rng.normal(130, 25)), int(self.rng.integers(4))
+
+    def window(self, index: int, *, darker: bool = False, new_class: bool = False) -> list[InferenceResult]:
+        results = super().window(index, darker=darker, new_class=new_class)
+        for i, result in enumerate(results):
+            device = i % self.devices
+            if self.rng.random() < 1 / self.dwell:
+                self.scenes[device] = self._scene()
+            level, label = self.scenes[device]
+            result.input_stats["brightness"] = float(self.rng.normal(level * (0.45 if darker else 1), 3))
+            logits = self.rng.normal(0, 1, 5)
+            logits[label] += 4
+            logits[4] = 8 if new_class else -8
+            result.probabilities = (np.exp(logits) / np.exp(logits).sum()).tolist()
+        return results
+
+
+def test_correlated_scenes_raise_no_alarm_once_counted_as_the_draws_they_are() -> None:
+    """A scene lasting ~30 results makes 80 results a window worth a few independent draws: counted as 80, the
+    brightness and label-mix tests flag stationary traffic; with the design effect they do not, and darkening
+    is still flagged within two windows."""
+    tracker = _tracker(group_by="all", reference_windows=6)
+    traffic = SceneTraffic(seed=5)
+    found = _run(tracker, [traffic.window(i) for i in range(206)])
+    assert len(found) >= 199 and [f for f in found if f.flagged] == []
+    reference = next(iter(tracker._groups.values())).reference
+    assert reference is not None and reference.effect("brightness") > 5, "the monitor saw the dependence"
+
+    naive = Reference(reference.window, reference.config, reference.class_names)  # every result a draw
+    current = SceneTraffic(seed=6)
+    windows = [_window_of(current.window(i)) for i in range(200)]
+    assert sum(any(v.drifted for v in detect_drift(naive, w)) for w in windows) > 0, "counted naively, it flags"
+
+    windows_with_drift = [traffic.window(i, darker=i >= 12) for i in range(16)]
+    darkening = _run(_tracker(group_by="all", reference_windows=6), windows_with_drift)
+    flagged = [f for f in darkening if f.flagged]
+    assert flagged and min(f.start_us for f in flagged) // WINDOW_US <= 13
+
+
+def _window_of(results: list[InferenceResult]) -> Window:
+    rows = _Rows()
+    for result in results:
+        rows.add(result)
+    return rows.window()
