@@ -66,7 +66,7 @@ SUBCOMMANDS: dict[str, set[str] | None] = {
 LOCAL_ONLY_SUBCOMMANDS = {"stack", "demo", "bench"}
 MODALITIES = {"frame", "audio"}
 # Roles whose processes serve Prometheus metrics, and the settings section holding the port.
-METRICS_ROLES = {"worker": "worker", "sink": "sink", "notifier": "notifier"}
+METRICS_ROLES = {"worker": "worker", "sink": "sink", "notifier": "notifier", "drift": "drift"}
 
 # Every Prometheus metric Sluice exports: name -> (type, labels), as exposed
 # (counters with _total). Checked against the metric classes in the code.
@@ -94,6 +94,8 @@ METRICS: dict[str, tuple[str, frozenset[str]]] = {
     "sluice_notifier_alerts_total": ("counter", frozenset({"rule"})),
     "sluice_notifier_suppressed_total": ("counter", frozenset({"rule"})),
     "sluice_notifier_redis_up": ("gauge", frozenset()),
+    "sluice_drift_windows_total": ("counter", frozenset({"model", "device_group_kind"})),
+    "sluice_drift_flags_total": ("counter", frozenset({"model", "statistic"})),
 }
 # Labels Prometheus attaches at scrape time (job/instance) or our relabelling adds.
 TARGET_LABELS = {"job", "instance", "service"}
@@ -102,7 +104,10 @@ HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 # ClickHouse objects the dashboard may query (the lead's migrations create them).
 CLICKHOUSE_DATABASE = "sluice"
-CLICKHOUSE_TABLES = {"inference_results", "inference_results_dedup", "shadow_results", "shadow_results_dedup"}
+CLICKHOUSE_TABLES = {
+    "inference_results", "inference_results_dedup", "shadow_results", "shadow_results_dedup", "drift_events",
+    "results_per_minute", "input_stats_per_minute",
+}  # fmt: skip
 
 # Deployment files scanned as text for SLUICE_* names and topic names.
 SCANNED_SUFFIXES = {".yml", ".yaml", ".json", ".md", ".toml", ""}

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from consumers.metrics import SinkMetrics, WorkerMetrics
+from streams.apps.drift_monitor import DriftMetrics
 from streams.apps.notifier import NotifierMetrics
 from tests.deploy.readers import (
     DEPLOY,
@@ -112,7 +113,7 @@ def test_metric_names_in_other_deploy_files() -> None:
 def exported_metrics() -> dict[str, tuple[str, frozenset[str]]]:
     """What the code's metric classes define, as exposed: name -> (type, labels)."""
     out: dict[str, tuple[str, frozenset[str]]] = {}
-    for cls in (WorkerMetrics, SinkMetrics, NotifierMetrics):
+    for cls in (WorkerMetrics, SinkMetrics, NotifierMetrics, DriftMetrics):
         instance = cls(CollectorRegistry())
         for metric in vars(instance).values():
             kind = getattr(metric, "_type", None)

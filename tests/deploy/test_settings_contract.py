@@ -114,7 +114,7 @@ def test_k8s_configmap_settings_parse() -> None:
 
 def test_dotted_names_are_topics_or_tables() -> None:
     topics = effective_settings({}).kafka.topics
-    topic_names = {topics.frames, topics.audio, topics.results, topics.alerts, topics.dead_letters}
+    topic_names = set(topics.names())
     allowed = {n.split(".", 1)[1] for n in topic_names} | CLICKHOUSE_TABLES
     problems = []
     for path in deploy_files():
