@@ -205,8 +205,14 @@ def prediction_stats(probabilities: np.ndarray) -> PredictionStats:
 
 
 # The statistics of each modality's inputs, given the batch and the model's sample rate (None for frames).
+# The worker measures frames at half resolution (every second pixel of every second row, a view: no copy):
+# a quarter of the work (2 ms instead of 9 for 16 frames of 224x224 on the development machine, where at
+# full resolution the statistics took half a core at the worker's throughput), and the same statistics up
+# to the finest detail sharpness sees, measured the same way in the reference and the current windows.
+FRAME_STRIDE = 2
+
 _BY_MODALITY: dict[str, Callable[[np.ndarray, int | None], InputStats]] = {
-    FRAME.name: lambda batch, _: frame_stats(batch),
+    FRAME.name: lambda batch, _: frame_stats(batch[:, ::FRAME_STRIDE, ::FRAME_STRIDE]),
     AUDIO.name: lambda batch, sample_rate: audio_stats(batch, _required(sample_rate)),
 }
 

@@ -191,7 +191,7 @@ def test_prediction_statistics_of_a_batch_equal_those_of_each_row_alone() -> Non
 
 
 def test_the_modality_name_picks_the_statistics() -> None:
-    assert isinstance(input_stats("frame", np.zeros((1, 4, 4, 3), dtype=np.uint8)), FrameStats)
+    assert isinstance(input_stats("frame", np.zeros((1, 8, 8, 3), dtype=np.uint8)), FrameStats)
     assert isinstance(input_stats("audio", np.zeros((1, 400), dtype=np.int16), sample_rate=SAMPLE_RATE), AudioStats)
     with pytest.raises(ValueError, match="sample rate"):
         input_stats("audio", np.zeros((1, 400), dtype=np.int16))
@@ -200,7 +200,7 @@ def test_the_modality_name_picks_the_statistics() -> None:
 
 
 def test_an_item_gives_the_names_a_result_record_carries() -> None:
-    frame = input_stats("frame", np.zeros((1, 4, 4, 3), dtype=np.uint8)).item(0)
+    frame = input_stats("frame", np.zeros((1, 8, 8, 3), dtype=np.uint8)).item(0)
     audio = input_stats("audio", np.zeros((1, 400), dtype=np.int16), sample_rate=SAMPLE_RATE).item(0)
     # The names schemas/inference_result_v2.avsc documents for `input_stats`.
     assert list(frame) == ["brightness", "contrast", "colourfulness", "sharpness"]
@@ -246,3 +246,12 @@ def test_added_noise_raises_level_zero_crossings_and_centroid() -> None:
     assert np.mean(after.spectral_centroid_hz - before.spectral_centroid_hz) > 300
     assert np.mean(after.zero_crossing_rate > before.zero_crossing_rate) > 0.6
     assert np.mean(after.spectral_centroid_hz > before.spectral_centroid_hz) > 0.6
+
+
+def test_the_worker_measures_frames_at_half_resolution() -> None:
+    """What `input_stats` gives is `frame_stats` of every second pixel of every second row: close to full
+    resolution for brightness and contrast, and the same for reference and current windows alike."""
+    frames = np.random.default_rng(3).integers(0, 255, (4, 64, 64, 3), dtype=np.uint8)
+    half = input_stats("frame", frames)
+    assert np.array_equal(half.brightness, frame_stats(frames[:, ::2, ::2]).brightness)
+    assert np.allclose(half.brightness, frame_stats(frames).brightness, rtol=0.05)
