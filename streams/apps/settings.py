@@ -32,8 +32,10 @@ class DriftSettings(BaseModel):
     # The first windows of each group (per model version) with enough results make its reference.
     reference_windows: PositiveInt = 3
     min_window_results: PositiveInt = 30
-    # Groups: each device, the whole fleet ("all"), or both. G groups raise a false alarm every ERT / G.
-    group_by: Literal["all", "device", "both"] = "both"
+    # Groups: the whole fleet ("all"), each device, or both. G groups raise a false alarm every ERT / G. A
+    # device's window holds few independent draws (a camera shows a scene for ~3 s, so a 10 s window is
+    # ~3 scenes): per-device groups need windows of minutes to be tested honestly, hence "all" by default.
+    group_by: Literal["all", "device", "both"] = "all"
     # A window closes once results this much newer than its end have arrived.
     lateness_s: NonNegativeFloat = 2.0
     # An alert is CRITICAL when this many tests flag the same window, else WARNING.
