@@ -32,6 +32,7 @@ from consumers.settings import ClickHouseSettings, RedisSettings, SinkSettings, 
 from engines.settings import EngineSettings
 from producers.settings import SimulatorSettings
 from schemas.errors import ConfigError, redact_url
+from schemas.registry import SchemaRegistrySettings
 from streams.apps.settings import DriftSettings, NotifierSettings
 from streams.local.stack import StackSettings
 
@@ -53,6 +54,7 @@ class SluiceSettings(BaseSettings):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     simulator: SimulatorSettings = Field(default_factory=SimulatorSettings)
     stack: StackSettings = Field(default_factory=StackSettings)
+    schema_registry: SchemaRegistrySettings = Field(default_factory=SchemaRegistrySettings)
     log_level: str = "INFO"
     # Where the metrics endpoints listen. Loopback for the local stack; 0.0.0.0 in containers.
     metrics_host: str = "127.0.0.1"

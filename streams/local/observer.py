@@ -19,8 +19,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from consumers.kafka import make_consumer
-from schemas.codec import Codec, SchemaError
+from schemas.codec import SchemaError
 from schemas.records import Alert, DeadLetter, DriftEvent, InferenceResult, Record, Source
+from schemas.registry import codec_for
 from schemas.topics import modality
 from streams.settings import SluiceSettings
 
@@ -72,7 +73,7 @@ class Observed:
 class OutputObserver:
     def __init__(self, settings: SluiceSettings) -> None:
         self._settings = settings
-        self._codec = Codec()
+        self._codec = codec_for(settings.schema_registry)
         topics = settings.kafka.topics
         self._kinds: dict[str, type[Record]] = {
             topics.results: InferenceResult, topics.alerts: Alert, topics.dead_letters: DeadLetter,
