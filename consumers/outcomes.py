@@ -86,7 +86,7 @@ class Outcomes:
     ) -> None:  # fmt: skip
         """Queue `record` as the outcome of `message`; its offset is acknowledged once the broker has it.
         Raises the producer's error at once where no retry can help (MessageSizeTooLargeError)."""
-        await _Delivery(self, topic, self._codec.write(record), key, message, on_delivered).send()
+        await _Delivery(self, topic, self._codec.write(record, topic=topic), key, message, on_delivered).send()
 
     async def dead_letter(
         self, message: ConsumerRecord, stage: str, error_type: str, reason: str,

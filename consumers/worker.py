@@ -56,6 +56,7 @@ from engines.repository import AudioPreprocessing
 from schemas.codec import Codec
 from schemas.errors import SluiceError
 from schemas.records import InferenceResult, LabelScore, LatencyBreakdown, result_for
+from schemas.registry import SchemaRegistrySettings, codec_for
 from schemas.topics import modality
 
 log = logging.getLogger(__name__)
@@ -323,7 +324,8 @@ class ModalityPipeline:
             result = self._result(polled, item, runner.spec, row, latency, work.stats.item(index))
             try:
                 delivery = await self._producer.send(
-                    self._shadow_topic, self._codec.write(result), key=result.device_id.encode()
+                    self._shadow_topic, self._codec.write(result, topic=self._shadow_topic),
+                    key=result.device_id.encode(),
                 )
             except Exception as exc:
                 log.warning("shadow result of %s not sent: %s", polled.source, exc)
@@ -390,6 +392,7 @@ async def run_worker(
     *,
     control: ModelControl | None = None,
     loaders: dict[str, VersionLoader] | None = None,
+    schema_registry: SchemaRegistrySettings | None = None,
 ) -> None:
     """Run one pipeline per engine (keyed by modality) in this process until `stopping` is set.
     With `control` and a loader per modality, each pipeline follows its model's plan in Redis.
@@ -400,7 +403,7 @@ async def run_worker(
     serve_metrics(registry, metrics_host, settings.metrics_port, health)
     beating = asyncio.create_task(health.keep_beating(stopping), name="heartbeat")
     worker_id = f"{socket.gethostname()}:{os.getpid()}"
-    codec = Codec()
+    codec = codec_for(schema_registry)
     pipelines: list[ModalityPipeline] = []
     producer = make_producer(kafka, role=f"worker-{worker_id}")
     loaders = loaders or {}

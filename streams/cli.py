@@ -11,6 +11,7 @@
     sluice bench engines|engine|pipeline|cookbook
                                      speed ratios, measured side by side in one run
     sluice clickhouse migrate|query  the sink's DDL, and ad-hoc SQL
+    sluice schemas register [--registry URL]   the .avsc files into a schema registry; prints the ids
     sluice models list|build|activate|deactivate|status
                                      the model repository, and which version serves (plans in Redis)
     sluice config                    the effective configuration
@@ -65,6 +66,8 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, handlers=[handler], force=True)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # its retry warnings repeat the error we report
+    for name in ("httpx", "httpx2"):  # the registry client's HTTP library logs every request at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _ready_callback(path: Path | None) -> Callable[[], None] | None:
@@ -186,6 +189,7 @@ def cmd_worker(settings: SluiceSettings, args: argparse.Namespace) -> int:
         lambda stopping: run_worker(
             settings.kafka, settings.worker, engines, stopping, _ready_callback(args.ready_file),
             metrics_host=settings.metrics_host, control=ModelControl(settings.redis), loaders=loaders,
+            schema_registry=settings.schema_registry,
         )
     )  # fmt: skip
     return 0
@@ -297,6 +301,12 @@ def cmd_models(settings: SluiceSettings, args: argparse.Namespace) -> int:
     return models.main(settings, args, console)
 
 
+def cmd_schemas(settings: SluiceSettings, args: argparse.Namespace) -> int:
+    from streams import schemas_cli
+
+    return schemas_cli.main(settings, args, console)
+
+
 def cmd_config(settings: SluiceSettings, args: argparse.Namespace) -> int:
     console.print_json(data=redacted(settings))
     return 0
@@ -382,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_arguments(p)
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("schemas", help="Sluice's .avsc files in a schema registry")
+    from streams.schemas_cli import add_arguments as add_schemas_arguments
+
+    add_schemas_arguments(p)
+    p.set_defaults(func=cmd_schemas)
 
     p = sub.add_parser("config", help="print the effective configuration")
     p.set_defaults(func=cmd_config)

@@ -61,6 +61,7 @@ SUBCOMMANDS: dict[str, set[str] | None] = {
     "clickhouse": {"migrate", "query"},
     "bench": {"engines", "engine", "pipeline", "cookbook"},
     "models": {"list", "build", "activate", "deactivate", "status"},
+    "schemas": {"register"},
 }
 # `stack`, `demo` and `bench pipeline` start the embedded local stack: never what a container should run.
 LOCAL_ONLY_SUBCOMMANDS = {"stack", "demo", "bench"}
