@@ -18,6 +18,7 @@ from aiokafka.helpers import create_ssl_context
 from pydantic import BaseModel, Field, PositiveInt, SecretStr, field_validator
 
 from producers.sdk import DeviceClient
+from schemas.codec import Codec
 from schemas.errors import SluiceError
 from schemas.topics import TopicSettings
 
@@ -130,7 +131,7 @@ def make_admin(kafka: KafkaSettings, role: str = "admin") -> AIOKafkaAdminClient
     return AIOKafkaAdminClient(**kafka.client_options(), client_id=f"{kafka.client_id}-{role}")
 
 
-def device_client(kafka: KafkaSettings, role: str = "simulator") -> DeviceClient:
+def device_client(kafka: KafkaSettings, role: str = "simulator", codec: Codec | None = None) -> DeviceClient:
     """A device SDK client on the configured cluster and topics, with the configured producer options."""
     options = kafka.producer_options()
     return DeviceClient(
@@ -138,6 +139,7 @@ def device_client(kafka: KafkaSettings, role: str = "simulator") -> DeviceClient
         frames_topic=kafka.topics.frames,
         audio_topic=kafka.topics.audio,
         client_id=f"{kafka.client_id}-{role}",
+        codec=codec,
         **options,
     )
 

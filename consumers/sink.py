@@ -54,6 +54,7 @@ from consumers.query_endpoint import QueryEndpoint, QueryResult, run_readonly
 from consumers.settings import ClickHouseSettings, SinkSettings
 from schemas.codec import Codec, SchemaError
 from schemas.records import DriftEvent, InferenceResult, Record
+from schemas.registry import SchemaRegistrySettings, codec_for
 
 log = logging.getLogger(__name__)
 
@@ -159,13 +160,14 @@ def _why_refused(exc: BaseException) -> str:
 
 class ClickHouseSink:
     def __init__(
-        self, kafka: KafkaSettings, settings: SinkSettings, clickhouse: ClickHouseSettings, metrics: SinkMetrics
-    ) -> None:
+        self, kafka: KafkaSettings, settings: SinkSettings, clickhouse: ClickHouseSettings, metrics: SinkMetrics,
+        codec: Codec | None = None,
+    ) -> None:  # fmt: skip
         self._kafka = kafka
         self._sink = settings
         self._clickhouse = clickhouse
         self._metrics = metrics
-        self._codec = Codec()
+        self._codec = codec or Codec()
         db, topics = clickhouse.database, kafka.topics
         results = (InferenceResult, RESULT_COLUMNS, result_row, row_problem, result_partition)
         self._routes = {
@@ -376,12 +378,13 @@ async def run_sink(
     stopping: asyncio.Event,
     on_ready: Callable[[], None] | None = None,
     metrics_host: str = "127.0.0.1",
+    schema_registry: SchemaRegistrySettings | None = None,
 ) -> None:
     registry = CollectorRegistry()
     health = Health()
     serve_metrics(registry, metrics_host, settings.metrics_port, health)
     beating = asyncio.create_task(health.keep_beating(stopping), name="heartbeat")
-    sink = ClickHouseSink(kafka, settings, clickhouse, SinkMetrics(registry))
+    sink = ClickHouseSink(kafka, settings, clickhouse, SinkMetrics(registry), codec_for(schema_registry))
     try:
         await run_until_done([asyncio.create_task(sink.run(stopping))], [sink.joined], health.ready_then(on_ready))
     finally:

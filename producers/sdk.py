@@ -47,11 +47,13 @@ class DeviceClient:
         acks: str | int = "all",
         request_timeout_ms: int = 30_000,
         max_request_size: int = 4 * 1024 * 1024,
+        codec: Codec | None = None,
         **producer_options: Any,
     ) -> None:
+        """`codec`: the pinned schema ids by default; `schemas.registry.codec_for(...)` for a schema registry's."""
         self.frames_topic = frames_topic
         self.audio_topic = audio_topic
-        self._codec = Codec()
+        self._codec = codec or Codec()
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap_servers,
             client_id=client_id,
@@ -131,7 +133,9 @@ class DeviceClient:
             data=data,
             label=label,
         )
-        return await self._send(self.frames_topic, device_id, self._codec.write(record), wait)
+        return await self._send(
+            self.frames_topic, device_id, self._codec.write(record, topic=self.frames_topic), wait
+        )
 
     async def publish_audio(
         self,
@@ -161,7 +165,9 @@ class DeviceClient:
             data=np.ascontiguousarray(pcm, dtype="<i2").tobytes(),
             label=label,
         )
-        return await self._send(self.audio_topic, device_id, self._codec.write(record), wait)
+        return await self._send(
+            self.audio_topic, device_id, self._codec.write(record, topic=self.audio_topic), wait
+        )
 
     async def _send(
         self, topic: str, device_id: str, value: bytes, wait: bool

@@ -130,6 +130,7 @@ def cmd_topics(settings: SluiceSettings, args: argparse.Namespace) -> int:
 def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
     from consumers.kafka import device_client, ensure_topics
     from producers.simulator import run_fleet
+    from schemas.registry import codec_for
 
     updates = {
         k: v
@@ -150,7 +151,7 @@ def cmd_simulate(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
     async def main(stopping: asyncio.Event) -> int:
         await ensure_topics(settings.kafka)
-        async with device_client(settings.kafka) as client:
+        async with device_client(settings.kafka, codec=codec_for(settings.schema_registry)) as client:
             report = await run_fleet(
                 client,
                 sim,
@@ -201,7 +202,7 @@ def cmd_sink(settings: SluiceSettings, args: argparse.Namespace) -> int:
     _run_until_signalled(
         lambda stopping: run_sink(
             settings.kafka, settings.sink, settings.clickhouse, stopping, _ready_callback(args.ready_file),
-            metrics_host=settings.metrics_host,
+            metrics_host=settings.metrics_host, schema_registry=settings.schema_registry,
         )
     )  # fmt: skip
     return 0
@@ -213,7 +214,7 @@ def cmd_notifier(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
     asyncio.run(ensure_topics(settings.kafka))
     app = create_app(settings.kafka, settings.notifier, settings.redis, settings.metrics_host,
-                     _ready_callback(args.ready_file))  # fmt: skip
+                     _ready_callback(args.ready_file), settings.schema_registry)  # fmt: skip
     run_faust_app(app, settings.log_level)
     return 0
 
@@ -225,7 +226,7 @@ def cmd_drift(settings: SluiceSettings, args: argparse.Namespace) -> int:
 
     asyncio.run(ensure_topics(settings.kafka))
     app = create_drift_app(settings.kafka, settings.drift, settings.engine.model_repository, settings.metrics_host,
-                           _ready_callback(args.ready_file))  # fmt: skip
+                           _ready_callback(args.ready_file), settings.schema_registry)  # fmt: skip
     run_faust_app(app, settings.log_level)
     return 0
 

@@ -13,7 +13,8 @@ closes when the newest capture time seen for its model passes its end by `latene
 `reference_windows` windows of a group with at least `min_window_results` results are pooled into its
 reference; every later window is tested against it (`streams/apps/drift.py`, thresholds from the
 expected run time), each test counting its results as the independent draws they amount to
-(`design_effects`: a camera's frames are correlated for as long as a scene lasts). A new model version starts its own references: its outputs differ by design. The
+(`design_effects`: a camera's frames are correlated for as long as a scene lasts). A new model version
+starts its own references: its outputs differ by design. The
 windows live in memory: after a restart the monitor learns its references again, so for the first
 `reference_windows` windows nothing is evaluated.
 """
@@ -37,8 +38,9 @@ from prometheus_client import CollectorRegistry, Counter
 from consumers.kafka import KafkaSettings, faust_broker_options
 from consumers.metrics import Health, serve_metrics
 from engines import ModelNotFound, ModelRepository
-from schemas.codec import Codec, SchemaError
+from schemas.codec import SchemaError
 from schemas.records import Alert, DriftEvent, InferenceResult, alert_id, now_us
+from schemas.registry import SchemaRegistrySettings, codec_for
 from streams.apps.drift import LABEL_MIX, PROBABILITY, DriftConfig, DriftVerdict, Reference, Window, detect_drift
 from streams.apps.settings import DriftSettings
 
@@ -292,6 +294,7 @@ def create_drift_app(
     model_repository: Path,
     metrics_host: str = "127.0.0.1",
     on_ready: Callable[[], None] | None = None,
+    schema_registry: SchemaRegistrySettings | None = None,
 ) -> faust.App:
     topics = kafka.topics
     registry = CollectorRegistry()
@@ -299,7 +302,7 @@ def create_drift_app(
     health = Health()
     mark_ready = health.ready_then(on_ready)
     tracker = DriftTracker(settings, repository_labels(model_repository))
-    codec = Codec()
+    codec = codec_for(schema_registry)
     app = faust.App(
         settings.app_id,
         **faust_broker_options(kafka, role="drift"),
@@ -342,7 +345,7 @@ def create_drift_app(
         metrics.windows.labels(key.model_name, kind).inc()
         detected_at = now_us()
         for event in found.events(detected_at):
-            await events_topic.send(key=key.device_group.encode(), value=codec.write(event))
+            await events_topic.send(key=key.device_group.encode(), value=codec.write(event, topic=topics.drift_events))
         alert = found.alert(settings.critical_tests)
         if alert is not None:
             for verdict in found.flagged:
@@ -350,7 +353,7 @@ def create_drift_app(
             log.warning("drift: %s v%d, %s, window ending %s: %s", key.model_name, key.model_version,
                         key.device_group, time.strftime("%H:%M:%S", time.gmtime(found.end_us / 1e6)),
                         alert.details["statistics"])  # fmt: skip
-            await alerts_topic.send(key=alert.device_id.encode(), value=codec.write(alert))
+            await alerts_topic.send(key=alert.device_id.encode(), value=codec.write(alert, topic=topics.alerts))
 
     @app.task
     async def expose_metrics() -> None:

@@ -50,6 +50,7 @@ from consumers.settings import RedisSettings
 from schemas.codec import Codec, SchemaError
 from schemas.errors import SluiceError
 from schemas.records import Alert, DeadLetter, InferenceResult, dead_letter_for, identity_problem
+from schemas.registry import SchemaRegistrySettings, codec_for
 from streams.apps.rules import CooldownStore, Rule, RuleSet
 from streams.apps.settings import NotifierSettings
 
@@ -118,6 +119,9 @@ class Notifier:
         self._metrics = metrics
         self._alerts_topic = alerts_topic
         self._dead_letters_topic = dead_letters_topic
+        # The topics' names: with a schema registry, a record's subject follows from the topic it goes to.
+        self._alerts_name = alerts_topic.get_topic_name()
+        self._dead_letters_name = dead_letters_topic.get_topic_name()
         self._max_request_size = max_request_size
         self._max_label_chars = max_label_chars
         self.component = f"notifier@{socket.gethostname()}:{os.getpid()}"
@@ -146,7 +150,7 @@ class Notifier:
             if (matched := rule.match(result)) is None:
                 continue
             alert = rule.alert(result, *matched)
-            value = self._codec.write(alert)
+            value = self._codec.write(alert, topic=self._alerts_name)
             if (size := request_size(event.key, value)) > self._max_request_size:
                 raise AlertTooLarge(f"the alert of rule {rule.name!r} is {size} bytes, more than the producer "
                                     f"may send ({self._max_request_size}, kafka.max_request_size)")  # fmt: skip
@@ -167,9 +171,9 @@ class Notifier:
             source_of(message), event.key, event.value, stage, error_type, reason, self.component,
             message.headers or (),
         )  # fmt: skip
-        key, value = event.key, self._codec.write(letter)
+        key, value = event.key, self._codec.write(letter, topic=self._dead_letters_name)
         if request_size(key, value) > self._max_request_size:
-            key, value = None, self._codec.write(_without_original(letter))
+            key, value = None, self._codec.write(_without_original(letter), topic=self._dead_letters_name)
         await self._dead_letters_topic.send(key=key, value=value)
 
 
@@ -179,6 +183,7 @@ def create_app(
     redis: RedisSettings,
     metrics_host: str = "127.0.0.1",
     on_ready: Callable[[], None] | None = None,
+    schema_registry: SchemaRegistrySettings | None = None,
 ) -> faust.App:
     topics = kafka.topics
     rules = RuleSet.load(settings.rules_path)
@@ -203,7 +208,7 @@ def create_app(
                             retry=Retry(NoBackoff(), 0))  # fmt: skip
     cooldowns = CooldownStore(client, retry_max_s=redis.retry_max_s, on_reachable=metrics.redis_up.set)
     notifier = Notifier(
-        rules, cooldowns, Codec(), metrics,
+        rules, cooldowns, codec_for(schema_registry), metrics,
         alerts_topic=app.topic(topics.alerts, value_type=bytes, key_type=bytes),
         dead_letters_topic=app.topic(topics.dead_letters, value_type=bytes, key_type=bytes),
         max_request_size=kafka.max_request_size, max_label_chars=settings.max_label_chars,
