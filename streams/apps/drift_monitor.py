@@ -81,6 +81,9 @@ class _Rows:
         self.captured_us += other.captured_us
 
     def window(self) -> Window:
+        classes = {len(p) for p in self.probabilities}
+        if len(classes) > 1:
+            raise ValueError(f"results of one model version with {sorted(classes)} classes")
         probabilities = np.asarray(self.probabilities, dtype=np.float64)
         names = set.intersection(*(set(s) for s in self.stats)) if self.stats else set()
         stats = {name: np.array([s[name] for s in self.stats], dtype=np.float64) for name in sorted(names)}
@@ -163,7 +166,8 @@ class DriftTracker:
         self._open: dict[tuple[str, int, str], dict[int, dict[GroupKey, _Rows]]] = defaultdict(dict)
         self._newest: dict[tuple[str, int, str], int] = {}
         self._groups: dict[GroupKey, _Group] = defaultdict(_Group)
-        self.skipped = 0  # results without a probability vector: nothing to compare
+        self._classes: dict[tuple[str, int, str], int] = {}  # each model version's class count, as first seen
+        self.skipped = 0  # results without a probability vector of their model's length: nothing to compare
 
     def add(self, result: InferenceResult) -> list[WindowVerdicts]:
         """Take one result; return the verdicts of the windows it closed."""
@@ -171,6 +175,9 @@ class DriftTracker:
             self.skipped += 1
             return []
         model = (result.model_name, result.model_version, result.modality)
+        if self._classes.setdefault(model, len(result.probabilities)) != len(result.probabilities):
+            self.skipped += 1  # not this model version's output (a foreign producer): it would spoil the windows
+            return []
         index = result.capture_time_us // self._window_us
         windows = self._open[model]
         if index in windows or self._newest.get(model, -1) - self._lateness_us < (index + 1) * self._window_us:
@@ -190,7 +197,10 @@ class DriftTracker:
         found = []
         for index in sorted(i for i in windows if (i + 1) * self._window_us <= watermark):
             for key, rows in windows.pop(index).items():
-                found += self._evaluate(key, rows, index * self._window_us, (index + 1) * self._window_us)
+                try:
+                    found += self._evaluate(key, rows, index * self._window_us, (index + 1) * self._window_us)
+                except ValueError as exc:  # results unlike their window's (another class count): that window only
+                    log.warning("drift window of %s not evaluated: %s", key, exc)
         return found
 
     def _evaluate(self, key: GroupKey, rows: _Rows, start_us: int, end_us: int) -> list[WindowVerdicts]:

@@ -166,3 +166,13 @@ def _window_of(results: list[InferenceResult]) -> Window:
     for result in results:
         rows.add(result)
     return rows.window()
+
+
+def test_a_result_unlike_its_model_versions_is_skipped_not_fatal() -> None:
+    tracker = _tracker(group_by="all")
+    traffic = Traffic(seed=7)
+    windows = [traffic.window(i) for i in range(6)]
+    windows[1][0].probabilities = [0.5, 0.5]  # a foreign producer's result with two classes, in the reference
+    windows[4][0].probabilities = [0.5, 0.5]
+    found = _run(tracker, windows)
+    assert [f.start_us // WINDOW_US for f in found] == [3, 4] and tracker.skipped == 2
