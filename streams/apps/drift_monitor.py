@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,13 +34,14 @@ import faust
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
-from consumers.kafka import KafkaSettings, faust_broker_options
+from consumers.kafka import KafkaSettings
 from consumers.metrics import Health, serve_metrics
 from engines import ModelNotFound, ModelRepository
 from schemas.codec import SchemaError
 from schemas.records import Alert, DriftEvent, InferenceResult, alert_id, now_us
 from schemas.registry import SchemaRegistrySettings, codec_for
 from streams.apps.drift import LABEL_MIX, PROBABILITY, DriftConfig, DriftVerdict, Reference, Window, detect_drift
+from streams.apps.notifier import stateless_app
 from streams.apps.settings import DriftSettings
 
 log = logging.getLogger(__name__)
@@ -313,17 +313,7 @@ def create_drift_app(
     mark_ready = health.ready_then(on_ready)
     tracker = DriftTracker(settings, repository_labels(model_repository))
     codec = codec_for(schema_registry)
-    app = faust.App(
-        settings.app_id,
-        **faust_broker_options(kafka, role="drift"),
-        broker_commit_interval=0.5,
-        store="memory://",
-        datadir=Path(tempfile.gettempdir()) / f"{settings.app_id}-data",  # nothing durable lives there
-        topic_disable_leader=True,
-        web_enabled=False,
-        value_serializer="raw",
-        key_serializer="raw",
-    )
+    app = stateless_app(settings.app_id, kafka, role="drift")
     results_topic = app.topic(topics.results, value_type=bytes, key_type=bytes)
     events_topic = app.topic(topics.drift_events, value_type=bytes, key_type=bytes)
     alerts_topic = app.topic(topics.alerts, value_type=bytes, key_type=bytes)

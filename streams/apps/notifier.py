@@ -177,6 +177,23 @@ class Notifier:
         await self._dead_letters_topic.send(key=key, value=value)
 
 
+def stateless_app(app_id: str, kafka: KafkaSettings, role: str) -> faust.App:
+    """A Faust app with no tables and raw bytes in and out: the notifier's and the drift monitor's."""
+    return faust.App(
+        app_id,
+        **faust_broker_options(kafka, role=role),
+        broker_commit_interval=0.5,
+        store="memory://",
+        # Faust creates a data directory even with the memory store and no tables; nothing durable lives
+        # there, so it goes to the temp directory rather than into whatever directory the process runs in.
+        datadir=Path(tempfile.gettempdir()) / f"{app_id}-data",
+        topic_disable_leader=True,  # no tables, no leader election topic to create
+        web_enabled=False,  # metrics are served by prometheus_client beside the app
+        value_serializer="raw",
+        key_serializer="raw",
+    )
+
+
 def create_app(
     kafka: KafkaSettings,
     settings: NotifierSettings,
@@ -189,19 +206,7 @@ def create_app(
     rules = RuleSet.load(settings.rules_path)
     registry = CollectorRegistry()
     metrics = NotifierMetrics(registry)
-    app = faust.App(
-        settings.app_id,
-        **faust_broker_options(kafka, role="notifier"),
-        broker_commit_interval=0.5,
-        store="memory://",
-        # Faust creates a data directory even with the memory store and no tables; nothing durable lives
-        # there, so it goes to the temp directory rather than into whatever directory the process runs in.
-        datadir=Path(tempfile.gettempdir()) / f"{settings.app_id}-data",
-        topic_disable_leader=True,  # no tables, no leader election topic to create
-        web_enabled=False,  # metrics are served by prometheus_client below
-        value_serializer="raw",
-        key_serializer="raw",
-    )
+    app = stateless_app(settings.app_id, kafka, role="notifier")
     results_topic = app.topic(topics.results, value_type=bytes, key_type=bytes)
     # No retries inside the client: the cooldown store's backoff is the one policy, and it logs each failure.
     client = Redis.from_url(redis.url, socket_timeout=redis.timeout_s, socket_connect_timeout=redis.timeout_s,
